@@ -1,0 +1,85 @@
+"""The ``m4v`` command: one entry point with subcommands (generate, flops, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UsageError(ValueError):
+    """A bad argument or input: reported as one line on stderr, exit code 2, no traceback."""
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from m4v.eval.flops import compute_table, format_table, table_dict
+    from m4v.models.layouts import LAYOUTS
+
+    layouts = tuple(args.layouts) if args.layouts else LAYOUTS
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise UsageError(f"--layouts: unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    rows = compute_table(args.config, layouts, tuple(args.frames), args.height, args.width, args.text_len)
+    if args.json:
+        print(json.dumps(table_dict(rows), indent=2))
+    else:
+        from m4v.eval.flops import NOTES
+
+        print(format_table(rows))
+        print("\nnotes:")
+        for n in NOTES:
+            print(f"- {n}")
+    return 0
+
+
+FLOPS_HELP = """Mixer-layer TFLOPs and parameter counts for every layout (paper Table 4).
+
+Convention: multiply-add = 2 FLOPs; only the mixer layers (8 MM-DiT joint attentions + 16
+single-stream mixers) of one forward pass at the last autoregressive step, final pyramid stage,
+batch 1, no CFG. Attention: 8*N*D^2 + 4*N^2*D with N = text + video tokens. Mamba2: in_proj, conv,
+SSD recurrence (4*N*d_inner*d_state) and out_proj over the re-composed sequence. Temporal branch:
+q/k/v of the current frame and pooled history + the folded causal attention. Parameters are
+counted on the real module built on the meta device."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m4v", description="M4V: multi-modal Mamba text-to-video.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "flops", help="mixer TFLOPs and params per layout (Table 4)", description=FLOPS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default="m4v-768p")
+    p.add_argument("--frames", type=int, nargs="+", default=[121, 241])
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--text-len", type=int, default=128)
+    p.add_argument("--layouts", nargs="+")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=_cmd_flops)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"m4v {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m4v: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

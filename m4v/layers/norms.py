@@ -1,0 +1,43 @@
+"""Normalisations: RMSNorm (q/k norm of MM-DiT) and the gated RMSNorm of Mamba2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors, unchanged otherwise (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension with a learnable scale (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = upcast(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba2's gated RMSNorm: ``rmsnorm(y * silu(z))`` normalised per group of ``group_size`` channels."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if dim % group_size:
+            raise ValueError(f"GatedRMSNorm: dim {dim} is not divisible by group_size {group_size}")
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (upcast(y) * F.silu(upcast(z))).unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.to(g.dtype)).to(y.dtype)

@@ -1,0 +1,151 @@
+"""MM-Token Re-Composition and its inverse (paper Sec. 3.3, Fig. 2c).
+
+Sequence fed to the SSM: ``[Z_l, r, x^0, r, x^1, ..., r, x^i, Z_r]`` where ``Z_l`` is the text
+left-padded with zeros (the state stays zero until the first real text token), ``r`` a per-frame
+register of one of 3 learnable types (one per pyramid resolution level), each frame scanned along a
+zigzag path, and ``Z_r`` the text again, right-padded, so that visual information flows back into
+the text.  The inverse drops the registers, restores the token order and sums the two text outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from m4v.layers.zigzag import inverse_permutation, zigzag_sequence
+
+NUM_REGISTER_TYPES = 3
+
+
+def register_types(sizes: Sequence[tuple[int, int]], num_types: int = NUM_REGISTER_TYPES) -> list[int]:
+    """Register type of each frame: its pyramid level relative to the current (last) frame.
+
+    The current frame's resolution is type ``num_types - 1``; each halving below it is one type
+    lower (clamped at 0).  At the last pyramid stage this gives 0/1/2 for 1/4, 1/2 and full
+    resolution, the three resolution levels of the paper.
+    """
+    if not sizes:
+        return []
+    H = sizes[-1][0]
+    types = []
+    for h, _ in sizes:
+        level, r = 0, H
+        while r > h:
+            r //= 2
+            level += 1
+        types.append(max(num_types - 1 - level, 0))
+    return types
+
+
+@dataclass
+class TextArrangement:
+    """Per-sample gather indices that place the valid text tokens right-aligned (Z_l) and left-aligned (Z_r)."""
+
+    order: torch.Tensor  # [B, L] original positions, valid tokens first (in order)
+    count: torch.Tensor  # [B] number of valid tokens
+    left_src: torch.Tensor  # [B, L] index into `order` for each Z_l slot
+    left_valid: torch.Tensor  # [B, L] bool
+    right_valid: torch.Tensor  # [B, L] bool (Z_r slot j holds order[j])
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> TextArrangement:
+        B, L = mask.shape
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        count = mask.sum(1)
+        slots = torch.arange(L, device=mask.device)[None]
+        right_valid = slots < count[:, None]
+        left_valid = slots >= (L - count)[:, None]
+        left_src = (slots - L + count[:, None]) % max(L, 1)
+        return cls(order, count, left_src, left_valid, right_valid)
+
+    def compose(self, text: torch.Tensor, right: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Z_l, Z_r) from text [B, L, D]; padded slots are exact zeros."""
+        D = text.shape[-1]
+        sorted_text = torch.gather(text, 1, self.order[..., None].expand(-1, -1, D))
+        z_r = sorted_text * self.right_valid[..., None].to(text.dtype)
+        z_l = torch.gather(sorted_text, 1, self.left_src[..., None].expand(-1, -1, D))
+        z_l = z_l * self.left_valid[..., None].to(text.dtype)
+        return z_l, (z_r if right else None)
+
+    def invert(self, y_l: torch.Tensor, y_r: torch.Tensor | None) -> torch.Tensor:
+        """Text outputs in the original order: Z'_l + Z'_r aligned token by token; zeros at padding."""
+        B, L, D = y_l.shape
+        inv_left = (torch.arange(L, device=y_l.device)[None] + L - self.count[:, None]) % max(L, 1)
+        sorted_out = torch.gather(y_l, 1, inv_left[..., None].expand(-1, -1, D))
+        if y_r is not None:
+            sorted_out = sorted_out + y_r
+        sorted_out = sorted_out * self.right_valid[..., None].to(y_l.dtype)
+        return torch.zeros_like(sorted_out).scatter(1, self.order[..., None].expand(-1, -1, D), sorted_out)
+
+
+@dataclass
+class RecompositionPlan:
+    """Precomputed indices of one re-composition (one frame layout, one scan path, one text mask)."""
+
+    text: TextArrangement
+    text_len: int
+    vis_index: torch.Tensor  # [Lv] indices into cat([registers (3), visual tokens])
+    vis_inverse: torch.Tensor  # [Nv] position in the visual block of each original visual token
+    recompose_text: bool
+
+    @classmethod
+    def build(
+        cls,
+        sizes: Sequence[tuple[int, int]],
+        text_mask: torch.Tensor,
+        path: int,
+        recompose_text: bool = True,
+        registers: bool = True,
+    ) -> RecompositionPlan:
+        device = text_mask.device
+        perm = zigzag_sequence(sizes, path)
+        offsets = [0]
+        for h, w in sizes:
+            offsets.append(offsets[-1] + h * w)
+        parts, types = [], register_types(sizes)
+        for f in range(len(sizes)):
+            if registers:
+                parts.append(torch.tensor([types[f]], dtype=torch.long))
+            parts.append(perm[offsets[f] : offsets[f + 1]] + NUM_REGISTER_TYPES)
+        vis_index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        is_token = vis_index >= NUM_REGISTER_TYPES
+        positions = torch.nonzero(is_token).squeeze(1)
+        vis_inverse = positions[inverse_permutation(perm)]
+        return cls(
+            TextArrangement.from_mask(text_mask.bool()),
+            text_mask.shape[1],
+            vis_index.to(device),
+            vis_inverse.to(device),
+            recompose_text,
+        )
+
+    @property
+    def visual_len(self) -> int:
+        return self.vis_index.numel()
+
+    def keep_mask(self) -> torch.Tensor:
+        """[B, S] True where the sequence holds a real token (False on text padding)."""
+        parts = [self.text.left_valid, torch.ones_like(self.text.left_valid[:, :1]).expand(-1, self.visual_len)]
+        if self.recompose_text:
+            parts.append(self.text.right_valid)
+        return torch.cat(parts, 1)
+
+    def compose(self, text: torch.Tensor, visual: torch.Tensor, registers: torch.Tensor) -> torch.Tensor:
+        """[Z_l, r, x^0, ..., r, x^i, Z_r] from text [B, L, D], visual [B, Nv, D], registers [3, D]."""
+        B = visual.shape[0]
+        z_l, z_r = self.text.compose(text, right=self.recompose_text)
+        src = torch.cat([registers.to(visual.dtype)[None].expand(B, -1, -1), visual], 1)
+        parts = [z_l, src.index_select(1, self.vis_index)]
+        if z_r is not None:
+            parts.append(z_r)
+        return torch.cat(parts, 1)
+
+    def invert(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text [B, L, D], visual [B, Nv, D]) outputs from the SSM output over the composed sequence."""
+        L, Lv = self.text_len, self.visual_len
+        y_r = y[:, L + Lv :] if self.recompose_text else None
+        text = self.text.invert(y[:, :L], y_r)
+        visual = y[:, L : L + Lv].index_select(1, self.vis_inverse)
+        return text, visual

@@ -1,0 +1,84 @@
+"""Temporal branch of the MM-DiM block: causal attention over compressed frames (paper Sec. 3.3).
+
+How we read K_s and S.  The paper downsamples every conditioning frame to the smallest spatial
+resolution of the sequence, ``H/K_s x W/K_s``, folds space into channels (``S = c * H/K_s * W/K_s``)
+and splits the current frame "into K_s tokens of width S".  A frame of ``H x W`` positions holds
+``K_s^2`` blocks of ``H/K_s x W/K_s`` positions, so we read K_s as the *linear* downsampling factor
+(4 at the last pyramid stage, 2 at the middle one, 1 at the first) and split the current frame into
+``K_s^2`` tokens.  The split is space-to-depth (token (a, b) takes positions (a::K_s, b::K_s)):
+every current-frame token is then a low-resolution view of the whole frame whose slot (i, j) is the
+same place in space as slot (i, j) of a compressed history frame, so the folded vectors are
+comparable by a dot product.  ``c`` is the model width; q/k/v are projected per position before
+folding (average pooling commutes with the projection, so history frames are pooled first).  The
+attention is causal in time: a history frame sees itself and earlier frames, the current frame's
+tokens see all history and each other.  Outputs of the current frame are unfolded back to full
+size; outputs of a history frame are nearest-upsampled to its own size.  The result, of width
+``dim``, is added to the mixer output before the block's output projection (the residual of Fig. 2b).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m4v.layers.norms import RMSNorm
+
+
+def temporal_causal_mask(num_history: int, num_current: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool mask (True = attend) over [history frames..., current tokens...]."""
+    T = num_history + num_current
+    frame = torch.arange(T, device=device).clamp(max=num_history)
+    return frame[None, :] <= frame[:, None]
+
+
+class TemporalBranch(nn.Module):
+    """Lightweight causal attention along time over frames compressed to the smallest resolution."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = RMSNorm(dim // num_heads)
+        self.norm_k = RMSNorm(dim // num_heads)
+
+    def forward(self, h: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """h [B, Nv, D] visual tokens of frames with token grids ``sizes`` (time order, current last)."""
+        B, _, D = h.shape
+        H, W = sizes[-1]
+        hs = min(s[0] for s in sizes)
+        ws = min(s[1] for s in sizes)
+        K = H // hs
+        if H % hs or W % ws or W // ws != K:
+            raise ValueError(f"TemporalBranch: frame grids {list(sizes)} are not a pyramid of the current frame")
+        frames = torch.split(h, [a * b for a, b in sizes], dim=1)
+        pooled = [self._pool(f, s, (hs, ws)) for f, s in zip(frames[:-1], sizes[:-1])]
+        cur = frames[-1].reshape(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5).reshape(B, K * K, hs * ws, D)
+        tokens = torch.cat([torch.stack(pooled, 1), cur], 1) if pooled else cur  # [B, T, hs*ws, D]
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)  # [B, T, P, heads, hd]
+        q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.permute(0, 3, 1, 2, 4).flatten(-2) for t in (q, k, v))  # [B, heads, T, P*hd]
+        mask = temporal_causal_mask(len(pooled), K * K, h.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, T, hs*ws*hd]
+        o = o.unflatten(-1, (hs * ws, -1)).permute(0, 2, 3, 1, 4).flatten(-2)  # [B, T, hs*ws, D]
+        outs = [self._unpool(o[:, i], (hs, ws), s) for i, s in enumerate(sizes[:-1])]
+        o_cur = o[:, len(pooled) :].reshape(B, K, K, hs, ws, D).permute(0, 3, 1, 4, 2, 5).reshape(B, H * W, D)
+        return torch.cat(outs + [o_cur], 1)
+
+    @staticmethod
+    def _pool(x: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+        B, _, D = x.shape
+        img = x.transpose(1, 2).reshape(B, D, *size)
+        if size != target:
+            img = F.adaptive_avg_pool2d(img.float(), target).to(x.dtype)
+        return img.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _unpool(x: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+        B, _, D = x.shape
+        img = x.transpose(1, 2).reshape(B, D, *size)
+        if size != target:
+            img = F.interpolate(img, size=target, mode="nearest")
+        return img.flatten(2).transpose(1, 2)

@@ -1,0 +1,77 @@
+"""MM-Token Re-Composition (paper Sec. 3.3): hand-built sequences, inverse, masks of different lengths."""
+
+import torch
+
+from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement, register_types
+from m4v.layers.zigzag import zigzag_path
+
+
+def _tagged(B, n, D, base):
+    """Tokens whose first feature is a unique tag: base + index, so positions can be read back."""
+    x = torch.zeros(B, n, D)
+    x[..., 0] = base + torch.arange(n, dtype=torch.float)[None]
+    x[..., 1] = torch.arange(B, dtype=torch.float)[:, None]
+    return x
+
+
+def test_register_types_follow_pyramid_levels():
+    assert register_types([(1, 2), (1, 2), (2, 4), (4, 8), (4, 8)]) == [0, 0, 1, 2, 2]
+    assert register_types([(1, 2), (2, 4), (2, 4)]) == [1, 2, 2]  # middle stage: current at 1/2
+    assert register_types([(1, 2), (1, 2)]) == [2, 2]  # first stage: everything at 1/4
+
+
+def test_sequence_layout_by_hand():
+    # text of length 4: sample 0 has 3 valid tokens, sample 1 has 1; frames 1x2 (1/4 level) and 2x4
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    sizes = [(1, 2), (2, 2)]
+    plan = RecompositionPlan.build(sizes, mask, path=1)  # path (b): plain row snake
+    text = _tagged(2, 4, 4, 100)
+    vis = _tagged(2, 6, 4, 0)
+    regs = torch.zeros(NUM_REGISTER_TYPES, 4)
+    regs[:, 0] = torch.tensor([-1.0, -2.0, -3.0])
+    seq = plan.compose(text, vis, regs)
+    tags = seq[..., 0]
+    # sample 0: Z_l = [0, t0, t1, t2]; r(type 1), f0 tokens 0,1; r(type 2), f1 row snake 2,3,5,4; Z_r = [t0,t1,t2,0]
+    assert tags[0].tolist() == [0, 100, 101, 102, -2, 0, 1, -3, 2, 3, 5, 4, 100, 101, 102, 0]
+    assert tags[1].tolist() == [0, 0, 0, 100, -2, 0, 1, -3, 2, 3, 5, 4, 100, 0, 0, 0]
+    # padded slots are exact zeros in every feature
+    assert seq[1, :3].abs().sum() == 0 and seq[1, -3:].abs().sum() == 0
+    keep = plan.keep_mask()
+    assert keep[1].tolist() == [False] * 3 + [True] * 9 + [True] + [False] * 3
+
+
+def test_inverse_restores_order_and_sums_text():
+    torch.manual_seed(0)
+    B, L, D = 3, 5, 6
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    sizes = [(2, 3), (2, 3), (4, 6)]
+    for path in range(8):
+        plan = RecompositionPlan.build(sizes, mask, path)
+        text, vis = torch.randn(B, L, D), torch.randn(B, 6 + 6 + 24, D)
+        seq = plan.compose(text, vis, torch.randn(3, D))
+        t_out, v_out = plan.invert(seq)  # identity "SSM": text appears twice, so it comes back doubled
+        assert torch.equal(v_out, vis)
+        assert torch.allclose(t_out, 2 * text * mask[..., None])
+        # the visual tokens of each frame follow its zigzag path
+        start = L + 1
+        assert torch.equal(seq[:, start : start + 6], vis[:, zigzag_path(2, 3, path)])
+
+
+def test_valid_text_adjacent_to_video_on_both_sides():
+    mask = torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool)  # arbitrary (non-prefix) mask
+    arr = TextArrangement.from_mask(mask)
+    text = _tagged(1, 5, 2, 10)
+    z_l, z_r = arr.compose(text)
+    assert z_l[0, :, 0].tolist() == [0, 0, 11, 13, 14]
+    assert z_r[0, :, 0].tolist() == [11, 13, 14, 0, 0]
+    back = arr.invert(z_l, z_r)
+    assert back[0, :, 0].tolist() == [0, 22, 0, 26, 28]
+
+
+def test_switches_off():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    plan = RecompositionPlan.build([(1, 1), (2, 2)], mask, 0, recompose_text=False, registers=False)
+    seq = plan.compose(_tagged(1, 2, 2, 100), _tagged(1, 5, 2, 0), torch.zeros(3, 2))
+    assert seq[0, :, 0].tolist() == [100, 101, 0, 1, 3, 4, 2]  # [Z, f0, f1 column snake], no registers/Z_r
+    t, v = plan.invert(seq)
+    assert t[0, :, 0].tolist() == [100, 101] and v[0, :, 0].tolist() == [0, 1, 2, 3, 4]
