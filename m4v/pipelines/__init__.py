@@ -1,0 +1,5 @@
+"""Text/image-to-video pipeline (paper Sec. 3.1, E.2, E.3)."""
+
+from m4v.pipelines.pipeline_m4v import M4VPipeline, M4VPipelineOutput
+
+__all__ = ["M4VPipeline", "M4VPipelineOutput"]

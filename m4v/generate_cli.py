@@ -1,0 +1,178 @@
+"""``m4v generate``: a sentence in, a video file out (paper Sec. 3.1, E.2, E.3), offline on CPU or GPU."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from importlib import resources
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def default_model_dir() -> str:
+    """The model shipped inside the package."""
+    return str(resources.files("m4v") / "assets" / "default")
+
+
+def parse_steps(text: str, name: str) -> list[int]:
+    """"20" or "20,20,20" -> per-stage step counts (all positive)."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer or a comma-separated list of integers, got {text!r}") from None
+    if any(s < 1 for s in steps):
+        raise ValueError(f"{name}: step counts must be positive, got {text!r}")
+    return steps
+
+
+def check_output_path(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".mp4", ".gif"):
+        raise ValueError(f"--output: {path!r} must end in .mp4 or .gif")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"--output: {path!r} is a directory")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"--output: {path!r} is not writable")
+    try:  # a real probe: permission bits say nothing for root or special file systems
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".m4v-probe-", delete=True):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output: cannot write in {folder!r} ({e.strerror or e})") from None
+    return path
+
+
+def resolve_device(name: str):  # noqa: ANN201 - torch.device
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("--device: 'mps' requested but MPS is not available")
+    elif device.type != "cpu":
+        raise ValueError(f"--device: unsupported device {name!r} (use cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        print(f"m4v: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - optional
+        pass
+    try:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+    out = check_output_path(args.output)
+    steps = parse_steps(args.steps, "--steps")
+    video_steps = parse_steps(args.video_steps, "--video-steps") if args.video_steps else None
+    for name, g in (("--guidance", args.guidance), ("--video-guidance", args.video_guidance)):
+        if g is not None and g < 0:
+            raise ValueError(f"{name}: must be >= 0, got {g}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {args.dtype!r}; choose float32, bfloat16 or float16")
+    if args.fps <= 0:
+        raise ValueError(f"--fps: must be positive, got {args.fps}")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise ValueError(f"--image: file {args.image!r} does not exist")
+    _one_line_warnings()
+    _quiet_libraries()
+    import torch
+
+    from m4v.io.video import write_video
+    from m4v.pipelines import M4VPipeline
+
+    device = resolve_device(args.device)
+    model_dir = args.model or default_model_dir()
+    pipe = M4VPipeline.from_pretrained(model_dir)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe.to(device)
+    pipe.transformer.to(dtype)
+    stages = pipe.scheduler.config.num_stages
+    steps = steps * stages if len(steps) == 1 else steps
+    if len(steps) != stages:
+        raise ValueError(f"--steps: give 1 or {stages} values (one per pyramid stage), got {len(steps)}")
+    kwargs = dict(num_inference_steps=steps)
+    if video_steps is not None:
+        video_steps = video_steps * stages if len(video_steps) == 1 else video_steps
+        if len(video_steps) != stages:
+            raise ValueError(f"--video-steps: give 1 or {stages} values, got {len(video_steps)}")
+        kwargs["video_num_inference_steps"] = video_steps
+    elif args.steps:
+        kwargs["video_num_inference_steps"] = [max(1, s // 2) for s in steps]
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.video_guidance is not None:
+        kwargs["video_guidance_scale"] = args.video_guidance
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    result = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        generator=generator,
+        image=args.image,
+        self_quality_guidance=args.self_quality_guidance,
+        **kwargs,
+    )
+    write_video(out, result.frames[0], fps=args.fps)
+    print(out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video from a sentence (text-to-video / image-to-video)")
+    p.add_argument("prompt", help="what the video should show")
+    p.add_argument("-o", "--output", required=True, help="output file, .mp4 (H.264) or .gif")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 8k (default: the model's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", default="20", help="Euler steps per pyramid stage for the first frame: N or a,b,c "
+                   "(later frames use half unless --video-steps is given)")
+    p.add_argument("--video-steps", default=None, help="steps per stage for later frames (PyramidFlow: 10)")
+    p.add_argument("--guidance", type=float, default=None, help="text guidance of the first frame (default 7)")
+    p.add_argument("--video-guidance", type=float, default=None, help="guidance of later frames (default 5)")
+    p.add_argument("--self-quality-guidance", type=float, default=0.0, help="paper E.3 weight (0 = off)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default=None, help="model directory (default: the model shipped in the package)")
+    p.add_argument("--image", default=None, help="image-to-video: this image becomes the first frame")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (transformer weights)")
+    p.add_argument("--fps", type=float, default=24.0)
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,44 @@
+"""Loading a conditioning image for image-to-video (paper E.2): resize the short side, centre-crop, scale to [-1, 1]."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
+    """A path, PIL image, uint8/float array [H, W, 3] or tensor [3, H, W] in [-1, 1] -> tensor [3, height, width]."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        if not os.path.isfile(image):
+            raise ValueError(f"image: file {os.fspath(image)!r} does not exist")
+        try:
+            with Image.open(image) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"image: cannot read {os.fspath(image)!r} ({e})") from None
+    if hasattr(image, "convert") and not isinstance(image, (np.ndarray, torch.Tensor)):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image: expected [H, W, 3], got {image.shape}")
+        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        t = torch.from_numpy(arr).permute(2, 0, 1) * 2 - 1
+    elif isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image: expected a [3, H, W] tensor in [-1, 1], got {tuple(image.shape)}")
+        t = image.float()
+    else:
+        raise ValueError(f"image: unsupported type {type(image).__name__}")
+    _, H, W = t.shape
+    s = max(height / H, width / W)
+    nh, nw = max(height, round(H * s)), max(width, round(W * s))
+    if (nh, nw) != (H, W):
+        t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return t[:, top : top + height, left : left + width].clamp(-1, 1)

@@ -1,0 +1,285 @@
+"""Text/image-to-video pipeline: autoregressive temporal pyramid with pyramidal flow matching (paper Sec. 3.1, E.2, E.3).
+
+One latent frame per autoregressive step.  Each frame runs the 3 spatial stages (1/4, 1/2, full
+resolution) with Euler steps and a corrected block-noise renoise between stages; its history is the
+pyramid of the clean latents generated so far, rebuilt at every stage.  The first latent frame is
+generated as an image (or taken from a given image); classifier-free guidance uses the text scale for
+the first frame and the video scale afterwards, conditional and unconditional in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from m4v.models.text_encoders import TextEmbeddings, TextEncoder, load_text_encoder
+from m4v.models.transformer import M4VTransformer
+from m4v.models.vae import VideoVAE
+from m4v.schedulers import PyramidFlowMatchScheduler, temporal_pyramid_history
+from m4v.schedulers.pyramid import _rand
+
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass
+class M4VPipelineOutput(BaseOutput):
+    """Generated videos: ``frames`` [B, F, H, W, 3] floats in [0, 1] (np) or [B, 3, F, H, W] in [-1, 1] (pt);
+    ``latents`` [B, C, T, h, w] are the normalised clean latents."""
+
+    frames: np.ndarray | torch.Tensor
+    latents: torch.Tensor
+
+
+def pyramid_multiple(transformer: M4VTransformer, scheduler: PyramidFlowMatchScheduler, vae: VideoVAE) -> int:
+    """Pixel sizes must be multiples of this: VAE x patch x 2^(stages-1)."""
+    return vae.spatial_compression * transformer.config.patch_size * 2 ** (scheduler.config.num_stages - 1)
+
+
+def _steps(name: str, steps: int | Sequence[int], stages: int) -> list[int]:
+    out = [steps] * stages if isinstance(steps, int) else list(steps)
+    if len(out) != stages or any(not isinstance(s, int) or s < 1 for s in out):
+        raise ValueError(f"{name}: must be a positive integer or {stages} positive integers (one per stage), got {steps}")
+    return out
+
+
+class M4VPipeline(DiffusionPipeline):
+    """Text-to-video and image-to-video generation with an M4V transformer (diffusers DiffusionPipeline)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: M4VTransformer,
+        vae: VideoVAE,
+        text_encoder: TextEncoder,
+        scheduler: PyramidFlowMatchScheduler,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+        if text_encoder.token_dim != transformer.config.text_dim or text_encoder.pooled_dim != transformer.config.pooled_dim:
+            raise ValueError(
+                f"text_encoder: gives {text_encoder.token_dim}/{text_encoder.pooled_dim}-d token/pooled states but the "
+                f"transformer expects {transformer.config.text_dim}/{transformer.config.pooled_dim}"
+            )
+        self.default_size = (64, 64)
+        self.default_frames = 17
+
+    # ------------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, save_directory: str | os.PathLike, text_encoder_spec: Any = "minilm", **_: Any) -> None:
+        """Write transformer/, vae/, scheduler/ and model_index.json (the text encoder is referenced, not copied:
+        MiniLM ships with the package; T5/CLIP are given as local folders)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.transformer.save_pretrained(os.path.join(save_directory, "transformer"))
+        self.vae.save_pretrained(os.path.join(save_directory, "vae"))
+        self.scheduler.save_pretrained(os.path.join(save_directory, "scheduler"))
+        index = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": __import__("diffusers").__version__,
+            "transformer": ["m4v", "M4VTransformer"],
+            "vae": ["m4v", "VideoVAE"],
+            "scheduler": ["m4v", "PyramidFlowMatchScheduler"],
+            "text_encoder": text_encoder_spec,
+            "default_size": list(self.default_size),
+            "default_frames": self.default_frames,
+        }
+        with open(os.path.join(save_directory, MODEL_INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        text_encoder: TextEncoder | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> M4VPipeline:
+        """Load a directory written by ``save_pretrained``; nothing is downloaded."""
+        root = os.fspath(pretrained_model_name_or_path)
+        index_path = os.path.join(root, MODEL_INDEX)
+        if not os.path.isdir(root):
+            raise ValueError(f"model directory {root!r} does not exist")
+        if not os.path.isfile(index_path):
+            raise ValueError(f"model directory {root!r} has no {MODEL_INDEX}; it is not an M4V model")
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            transformer = M4VTransformer.from_pretrained(os.path.join(root, "transformer"), local_files_only=True)
+            vae = VideoVAE.from_pretrained(os.path.join(root, "vae"))
+            scheduler = PyramidFlowMatchScheduler.from_pretrained(os.path.join(root, "scheduler"))
+        except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as e:
+            raise ValueError(f"model directory {root!r} is corrupt or incomplete: {str(e).splitlines()[0]}") from None
+        if text_encoder is None:
+            spec = index.get("text_encoder", "minilm")
+            if isinstance(spec, dict):
+                spec = {k: (os.path.join(root, v) if k != "max_length" and not os.path.isabs(v) else v)
+                        for k, v in spec.items()}
+            text_encoder = load_text_encoder(spec)
+        pipe = cls(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+        pipe.default_size = tuple(index.get("default_size", pipe.default_size))
+        pipe.default_frames = int(index.get("default_frames", pipe.default_frames))
+        if torch_dtype is not None:
+            pipe.transformer.to(torch_dtype)
+        return pipe
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @property
+    def size_multiple(self) -> int:
+        return pyramid_multiple(self.transformer, self.scheduler, self.vae)
+
+    def check_inputs(
+        self, prompt: Any, height: int, width: int, num_frames: int, guidance_scale: float, video_guidance_scale: float
+    ) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("prompt: must be a non-empty string (or a list of them)")
+        m = self.size_multiple
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < m or v % m:
+                lo = max(m, (v // m) * m) if isinstance(v, int) else m
+                raise ValueError(f"{name}: {v} is not allowed; it must be a multiple of {m} (e.g. {lo} or {lo + m})")
+        t = self.vae.temporal_compression
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % t:
+            near = max(1, round((num_frames - 1) / t) * t + 1) if isinstance(num_frames, int) else 1
+            raise ValueError(f"num_frames: {num_frames} is not 1 + {t}k; the nearest valid value is {near}")
+        for name, g in (("guidance_scale", guidance_scale), ("video_guidance_scale", video_guidance_scale)):
+            if g < 0:
+                raise ValueError(f"{name}: must be >= 0, got {g}")
+        return prompts
+
+    def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[TextEmbeddings, TextEmbeddings]:
+        """Conditional and unconditional text, padded to one length so they batch together."""
+        both = self.text_encoder(negative + prompts)
+        n = len(negative)
+        dev = self._execution_device
+        cut = [TextEmbeddings(*(t[sl].to(dev) for t in both)) for sl in (slice(n, None), slice(0, n))]
+        return cut[0], cut[1]
+
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        history: list[torch.Tensor],
+        cond: TextEmbeddings,
+        uncond: TextEmbeddings,
+        scale: float,
+    ) -> torch.Tensor:
+        """Classifier-free guided velocity, conditional and unconditional in one batch."""
+        B = x.shape[0]
+        if scale == 1.0:
+            txt, batch_hist, xs = cond, history, x
+        else:
+            txt = TextEmbeddings(*(torch.cat([u, c]) for u, c in zip(uncond, cond)))
+            batch_hist = [torch.cat([h, h]) for h in history]
+            xs = torch.cat([x, x])
+        tt = t.expand(xs.shape[0]).to(xs.device)
+        v = self.transformer(
+            xs, tt, txt.token_states, txt.pooled, txt.attention_mask, history=batch_hist
+        ).sample.float()
+        if scale == 1.0:
+            return v
+        v_u, v_c = v[:B], v[B:]
+        return v_u + scale * (v_c - v_u)
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | Sequence[int] = (20, 20, 20),
+        video_num_inference_steps: int | Sequence[int] = (10, 10, 10),
+        guidance_scale: float = 7.0,
+        video_guidance_scale: float = 5.0,
+        generator: torch.Generator | None = None,
+        image: torch.Tensor | np.ndarray | Any | None = None,
+        output_type: str = "np",
+        callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
+        self_quality_guidance: float = 0.0,
+        sqg_start_frame: int = 8,
+        sqg_stages: Sequence[int] | None = None,
+        return_dict: bool = True,
+    ) -> M4VPipelineOutput | tuple:
+        """Generate videos.
+
+        ``callback(frame_index, stage, step, latents)`` is called after every Euler step.
+        ``self_quality_guidance`` > 0 enables paper E.3 (eqs. 8-10) from latent frame ``sqg_start_frame`` on,
+        in ``sqg_stages`` (default: the last stage): ``v = v_l + w (v_h - v_l)`` where ``v_h`` is the guided
+        velocity without history (the model's text-to-image mode).
+        """
+        height = height or self.default_size[0]
+        width = width or self.default_size[1]
+        num_frames = num_frames or self.default_frames
+        prompts = self.check_inputs(prompt, height, width, num_frames, guidance_scale, video_guidance_scale)
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type: must be 'np', 'pt' or 'latent', got {output_type!r}")
+        S = self.scheduler.config.num_stages
+        first_steps = _steps("num_inference_steps", num_inference_steps, S)
+        video_steps = _steps("video_num_inference_steps", video_num_inference_steps, S)
+        sqg_stages = tuple(sqg_stages) if sqg_stages is not None else (S - 1,)
+        B = len(prompts)
+        negative = negative_prompt if negative_prompt is not None else ""
+        negatives = [negative] * B if isinstance(negative, str) else list(negative)
+        if len(negatives) != B:
+            raise ValueError(f"negative_prompt: got {len(negatives)} for {B} prompts")
+        cond, uncond = self.encode_prompt(prompts, negatives)
+
+        device = self._execution_device
+        C = self.transformer.config.in_channels
+        T = self.vae.num_latent_frames(num_frames)
+        h, w = height // self.vae.spatial_compression, width // self.vae.spatial_compression
+        clean: list[torch.Tensor] = []
+        if image is not None:
+            clean.append(self.encode_image(image, height, width, B, generator).to(device))
+        total = sum(sum(video_steps if n else first_steps) for n in range(len(clean), T))
+        low = 2 ** (S - 1)
+        with self.progress_bar(total=total) as bar:
+            for n in range(len(clean), T):
+                steps, scale = (first_steps, guidance_scale) if n == 0 else (video_steps, video_guidance_scale)
+                self.scheduler.set_timesteps(steps, device=device)
+                x = _rand((B, C, h // low, w // low), generator, device, torch.float32, normal=True)
+                for stage in range(S):
+                    history = temporal_pyramid_history(clean, stage, S)
+                    use_sqg = self_quality_guidance > 0 and n >= sqg_start_frame and stage in sqg_stages and history
+                    for i, t in enumerate(self.scheduler.timesteps_for_stage(stage)):
+                        v = self._velocity(x, t, history, cond, uncond, scale)
+                        if use_sqg:
+                            v_h = self._velocity(x, t, [], cond, uncond, scale)
+                            v = v + self_quality_guidance * (v_h - v)
+                        x = self.scheduler.step(v, stage, i, x).prev_sample
+                        if callback is not None:
+                            callback(n, stage, i, x)
+                        bar.update()
+                    if stage < S - 1:
+                        x = self.scheduler.renoise_for_next_stage(x, stage + 1, generator)
+                clean.append(x)
+        latents = torch.stack(clean, 2)
+        if output_type == "latent":
+            frames: Any = latents
+        else:
+            video = self.vae.decode(latents.to(self.vae.dtype)).float()
+            frames = video if output_type == "pt" else ((video + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames, latents)
+        return M4VPipelineOutput(frames=frames, latents=latents)
+
+    def encode_image(
+        self, image: Any, height: int, width: int, batch: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Image-to-video (paper E.2): the image, resized and centre-cropped, becomes the first latent frame."""
+        from m4v.pipelines.image import image_to_tensor
+
+        px = image_to_tensor(image, height, width).to(self.vae.device, self.vae.dtype)  # [3, H, W] in [-1, 1]
+        lat = self.vae.encode(px[None, :, None].expand(batch, -1, -1, -1, -1), sample=False)
+        return lat[:, :, 0].float()

@@ -1,0 +1,101 @@
+"""`m4v generate` end to end and its one-line errors (exit 2, no traceback, no output file)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from m4v.cli import main
+from m4v.io.video import probe_video, read_video
+
+PROMPT = "a red circle moving to the right on a black background"
+FAST = ["--steps", "2", "--video-steps", "1"]
+
+
+def test_generate_end_to_end_subprocess(tmp_path):
+    """The installed command with the shipped model: an H.264 MP4 with the requested frames and size."""
+    out = tmp_path / "out.mp4"
+    r = subprocess.run([sys.executable, "-m", "m4v", "generate", PROMPT, "-o", str(out), "--frames", "17", *FAST],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    info = probe_video(out)
+    assert (info.num_frames, info.height, info.width) == (17, 64, 64)
+    assert read_video(out).shape == (17, 64, 64, 3)
+
+
+def test_seed_reproduces_and_gif(tmp_path, capsys):
+    a, b, c = tmp_path / "a.gif", tmp_path / "b.gif", tmp_path / "c.gif"
+    for path, seed in ((a, 1), (b, 1), (c, 2)):
+        assert main(["generate", PROMPT, "-o", str(path), "--frames", "9", "--seed", str(seed), *FAST]) == 0
+    assert (read_video(a) == read_video(b)).all()
+    assert not (read_video(a) == read_video(c)).all()
+    assert read_video(a).shape == (9, 64, 64, 3)
+
+
+def test_image_to_video_cli(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(img)
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", PROMPT, "-o", str(out), "--frames", "9", "--image", str(img), *FAST]) == 0
+    assert probe_video(out).num_frames == 9
+
+
+def _corrupt_model(tmp_path):
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    (d / "model_index.json").write_text("{not json")
+    return str(d)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt-override", ""], "prompt: must be a non-empty string"),
+        (["--height", "100"], "height: 100 is not allowed; it must be a multiple of 64"),
+        (["--frames", "20"], "the nearest valid value is 17"),
+        (["--steps", "0"], "--steps: step counts must be positive"),
+        (["--steps", "-3"], "--steps"),
+        (["--guidance", "-1"], "--guidance: must be >= 0"),
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--model", "CORRUPT"], "corrupt or incomplete"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cuda:7"], "--device"),
+        (["--output-override", "/proc/out.mp4"], "--output"),
+        (["--output-override", "OUT.avi"], "must end in .mp4 or .gif"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, message):
+    out = tmp_path / "out.mp4"
+    prompt = PROMPT
+    args = list(extra)
+    if args[0] == "--prompt-override":
+        prompt, args = args[1], []
+    if args and args[0] == "--output-override":
+        out = args[1].replace("OUT", str(tmp_path / "out"))
+        args = []
+    if "CORRUPT" in args:
+        corrupt = _corrupt_model(tmp_path)
+        args = [a.replace("CORRUPT", corrupt) for a in args]
+    if "--device" in args and "cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    code = main(["generate", prompt, "-o", str(out), *FAST, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert message in err[0], err[0]
+    assert not os.path.exists(out)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or p.endswith(".mp4")]
+
+
+def test_long_prompt_warns_and_proceeds(tmp_path, capsys):
+    out = tmp_path / "long.mp4"
+    long_prompt = " ".join(["a big red circle moving to the right"] * 40)
+    assert main(["generate", long_prompt, "-o", str(out), "--frames", "1", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "truncated" in err.lower()
+    assert out.exists()
