@@ -1,4 +1,4 @@
-"""Text/image-to-video pipeline: autoregressive temporal pyramid with pyramidal flow matching (paper Sec. 3.1, E.2, E.3).
+"""Text/image-to-video pipeline: autoregressive temporal pyramid, pyramidal flow matching (Sec. 3.1, E.2, E.3).
 
 One latent frame per autoregressive step.  Each frame runs the 3 spatial stages (1/4, 1/2, full
 resolution) with Euler steps and a corrected block-noise renoise between stages; its history is the
@@ -46,7 +46,8 @@ def pyramid_multiple(transformer: M4VTransformer, scheduler: PyramidFlowMatchSch
 def _steps(name: str, steps: int | Sequence[int], stages: int) -> list[int]:
     out = [steps] * stages if isinstance(steps, int) else list(steps)
     if len(out) != stages or any(not isinstance(s, int) or s < 1 for s in out):
-        raise ValueError(f"{name}: must be a positive integer or {stages} positive integers (one per stage), got {steps}")
+        raise ValueError(f"{name}: must be a positive integer or {stages} positive integers (one per stage), "
+                         f"got {steps}")
     return out
 
 
@@ -64,7 +65,8 @@ class M4VPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
-        if text_encoder.token_dim != transformer.config.text_dim or text_encoder.pooled_dim != transformer.config.pooled_dim:
+        dims = (text_encoder.token_dim, text_encoder.pooled_dim)
+        if dims != (transformer.config.text_dim, transformer.config.pooled_dim):
             raise ValueError(
                 f"text_encoder: gives {text_encoder.token_dim}/{text_encoder.pooled_dim}-d token/pooled states but the "
                 f"transformer expects {transformer.config.text_dim}/{transformer.config.pooled_dim}"
@@ -268,7 +270,8 @@ class M4VPipeline(DiffusionPipeline):
             frames: Any = latents
         else:
             video = self.vae.decode(latents.to(self.vae.dtype)).float()
-            frames = video if output_type == "pt" else ((video + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
+            frames = video if output_type == "pt" else ((video + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
+            frames = frames if output_type == "pt" else frames.cpu().numpy()
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames, latents)
