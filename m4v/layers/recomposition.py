@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -80,6 +81,41 @@ class TextArrangement:
         return torch.zeros_like(sorted_out).scatter(1, self.order[..., None].expand(-1, -1, D), sorted_out)
 
 
+@lru_cache(maxsize=512)
+def _visual_indices(
+    sizes: tuple[tuple[int, int], ...], path: int, registers: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vis_index, vis_inverse) on the CPU for one frame layout and scan path (cached: shapes repeat every step)."""
+    perm = zigzag_sequence(sizes, path)
+    offsets = [0]
+    for h, w in sizes:
+        offsets.append(offsets[-1] + h * w)
+    parts, types = [], register_types(sizes)
+    for f in range(len(sizes)):
+        if registers:
+            parts.append(torch.tensor([types[f]], dtype=torch.long))
+        parts.append(perm[offsets[f] : offsets[f + 1]] + NUM_REGISTER_TYPES)
+    vis_index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    positions = torch.nonzero(vis_index >= NUM_REGISTER_TYPES).squeeze(1)
+    return vis_index, positions[inverse_permutation(perm)]
+
+
+_DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def visual_indices(
+    sizes: Sequence[tuple[int, int]], path: int, registers: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached device copies of the visual gather indices (no host-to-device copy once warm)."""
+    key = (tuple((int(h), int(w)) for h, w in sizes), int(path), bool(registers), str(device))
+    if key not in _DEVICE_CACHE:
+        if len(_DEVICE_CACHE) > 1024:
+            _DEVICE_CACHE.clear()
+        idx, inv = _visual_indices(key[0], key[1], key[2])
+        _DEVICE_CACHE[key] = (idx.to(device), inv.to(device))
+    return _DEVICE_CACHE[key]
+
+
 @dataclass
 class RecompositionPlan:
     """Precomputed indices of one re-composition (one frame layout, one scan path, one text mask)."""
@@ -99,27 +135,9 @@ class RecompositionPlan:
         recompose_text: bool = True,
         registers: bool = True,
     ) -> RecompositionPlan:
-        device = text_mask.device
-        perm = zigzag_sequence(sizes, path)
-        offsets = [0]
-        for h, w in sizes:
-            offsets.append(offsets[-1] + h * w)
-        parts, types = [], register_types(sizes)
-        for f in range(len(sizes)):
-            if registers:
-                parts.append(torch.tensor([types[f]], dtype=torch.long))
-            parts.append(perm[offsets[f] : offsets[f + 1]] + NUM_REGISTER_TYPES)
-        vis_index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        is_token = vis_index >= NUM_REGISTER_TYPES
-        positions = torch.nonzero(is_token).squeeze(1)
-        vis_inverse = positions[inverse_permutation(perm)]
-        return cls(
-            TextArrangement.from_mask(text_mask.bool()),
-            text_mask.shape[1],
-            vis_index.to(device),
-            vis_inverse.to(device),
-            recompose_text,
-        )
+        vis_index, vis_inverse = visual_indices(sizes, path, registers, text_mask.device)
+        text = TextArrangement.from_mask(text_mask.bool())
+        return cls(text, text_mask.shape[1], vis_index, vis_inverse, recompose_text)
 
     @property
     def visual_len(self) -> int:

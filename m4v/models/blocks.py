@@ -55,6 +55,14 @@ class SequenceContext:
                 self._cache["mask"] = frame_causal_mask(torch.cat(ids), None if full_text else key_valid)
         return self._cache["mask"]
 
+    @torch.compiler.disable
+    def prepare(self, paths: set[int], attention: bool) -> None:
+        """Build everything the blocks will ask for up front (index plans, RoPE, mask): one graph break."""
+        for path in paths:
+            self.plan(path)
+        if attention:
+            _ = self.rope, self.attn_mask
+
     def plan(self, path: int) -> RecompositionPlan:
         key = ("plan", path)
         if key not in self._cache:

@@ -139,6 +139,8 @@ class M4VTransformer(ModelMixin, ConfigMixin):
                 )
                 n_mamba += 1
         self.single_blocks = nn.ModuleList(blocks)
+        self._paths = {b.path for b in blocks if isinstance(b, MMDiMBlock)}
+        self._has_attention = num_dual_layers > 0 or any(m != "mamba" for m in block_mixers(layout, num_single_layers))
         self.norm_out = AdaLNModulation(D, 2)
         self.proj_out = nn.Linear(D, p * p * in_channels)
         nn.init.zeros_(self.proj_out.weight)
@@ -191,6 +193,7 @@ class M4VTransformer(ModelMixin, ConfigMixin):
             recompose_text=self.config.text_recomposition,
             registers=self.config.registers,
         )
+        ctx.prepare(self._paths, self._has_attention)
         dtype = self.x_embedder.weight.dtype
         vis = self.x_embedder(torch.cat([patchify(f.to(dtype), p) for f in frames], 1))
         txt = self.context_embedder(encoder_hidden_states.to(dtype))
