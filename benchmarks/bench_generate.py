@@ -1,0 +1,117 @@
+"""Issue 5 (c): end-to-end text-to-video generation time at 768x1280, 121 and 241 frames, full_temp vs full_attn.
+
+Random weights at the ``m4v-768p`` config (2.2B), bf16, PyramidFlow's schedule: the first latent frame
+20+20+20 Euler steps, later frames 10+10+10, classifier-free guidance (batch 2), 128 text tokens.
+The transformer's time depends only on the input shapes, so every distinct (frame, stage) shape of the
+autoregressive schedule is run and timed (median of ``--reps`` after a warm-up) and multiplied by its
+number of steps; the sum is the generation's transformer time, the VAE decode of the whole video is
+timed once.  ``--full-run`` instead runs the real loop end to end (slower; use for short videos).
+
+    PYTHONPATH=. python benchmarks/bench_generate.py --out benchmarks/results/generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import bench, environment, write_json  # noqa: E402
+
+from m4v.models import M4VTransformer, named_config  # noqa: E402
+from m4v.schedulers import temporal_pyramid_history  # noqa: E402
+
+
+def schedule(num_frames: int, first: int = 20, later: int = 10, stages: int = 3):
+    """(frame index, stage, steps) of the autoregressive pyramid."""
+    T = 1 + (num_frames - 1) // 8
+    return [(n, s, first if n == 0 else later) for n in range(T) for s in range(stages)]
+
+
+def transformer_time(model, num_frames: int, h: int, w: int, reps: int, text_len: int = 128) -> dict:  # noqa: ANN001
+    dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
+    B, C = 2, model.config.in_channels
+    txt = torch.randn(B, text_len, model.config.text_dim, device=dev, dtype=dt)
+    mask = torch.ones(B, text_len, dtype=torch.bool, device=dev)
+    mask[0, 16:] = False  # the unconditional (empty) prompt is short: padding is exercised
+    pooled = torch.randn(B, model.config.pooled_dim, device=dev, dtype=dt)
+    total_ms, per_shape = 0.0, []
+    clean: list[torch.Tensor] = []
+    for n, stage, steps in schedule(num_frames):
+        if stage == 0 and n > 0:
+            clean.append(torch.randn(B, C, h, w, device=dev, dtype=dt))
+        hist = temporal_pyramid_history(clean, stage)
+        f = 2 ** (2 - stage)
+        x = torch.randn(B, C, h // f, w // f, device=dev, dtype=dt)
+        t = torch.full((B,), 500.0, device=dev)
+        with torch.no_grad():
+            ms = bench(lambda: model(x, t, txt, pooled, mask, history=hist), warmup=1, rep=reps)
+        total_ms += steps * ms
+        per_shape.append(dict(frame=n, stage=stage, steps=steps, ms=ms, tokens=text_len + sum(
+            (a.shape[-2] // 2) * (a.shape[-1] // 2) for a in [*hist, x])))
+    return dict(transformer_s=total_ms / 1e3, per_shape=per_shape)
+
+
+def vae_time(num_frames: int, h: int, w: int) -> dict:
+    from m4v.models.vae import build_video_vae
+
+    vae = build_video_vae("m4v-768p").to("cuda", torch.bfloat16)
+    T = 1 + (num_frames - 1) // 8
+    lat = torch.randn(1, 16, T, h, w, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(lat, chunk_latents=2)
+    torch.cuda.synchronize()
+    return dict(vae_decode_s=time.perf_counter() - t0, vae_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--frames", type=int, nargs="+", default=[121, 241])
+    ap.add_argument("--layouts", nargs="+", default=["full_temp", "full_attn"])
+    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--vae", action="store_true", help="also time the paper-scale VAE decode")
+    ap.add_argument("--config", default="m4v-768p")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    h, w = args.height // 8, args.width // 8
+    rows = []
+    for layout in args.layouts:
+        with torch.device(args.device):
+            model = M4VTransformer(**named_config(args.config, layout=layout))
+        model = model.to(torch.bfloat16 if args.device.startswith("cuda") else torch.float32).eval()
+        for nf in args.frames:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            r = transformer_time(model, nf, h, w, args.reps)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+            r.update(layout=layout, frames=nf, peak_gib=peak)
+            rows.append(r)
+            print(f"{layout:<10} {nf:>4} frames: transformer {r['transformer_s']:8.1f} s  peak {r['peak_gib']:.1f} GiB",
+                  flush=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    vae = {nf: vae_time(nf, h, w) for nf in args.frames} if args.vae else {}
+    write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows, vae=vae))
+    print(f"\n{'layout':<10} {'frames':>6} {'transformer s':>14} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['layout']:<10} {r['frames']:>6} {r['transformer_s']:>14.1f} {r['peak_gib']:>9.1f}")
+    for nf in args.frames:
+        t = {r["layout"]: r["transformer_s"] for r in rows if r["frames"] == nf}
+        if "full_attn" in t and "full_temp" in t:
+            print(f"speed-up full_temp vs full_attn at {nf} frames: {t['full_attn'] / t['full_temp']:.2f}x")
+    for nf, v in vae.items():
+        print(f"VAE decode {nf} frames: {v['vae_decode_s']:.1f} s, peak {v['vae_peak_gib']:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

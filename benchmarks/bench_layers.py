@@ -1,0 +1,124 @@
+"""Issue 5 (b): the MM-DiM mixer layer vs the attention mixer layer at width 1920, forward and forward+backward.
+
+Attention mixer layer: qkv projection, RMSNorm q/k, 3D RoPE, SDPA (cuDNN backend, no mask: the fastest
+attention the GPU offers), out projection.  MM-DiM mixer layer: MM-token re-composition (text twice,
+registers, zigzag), Mamba2 (in_proj, causal conv, SSD, gated norm), inverse, temporal branch, out_proj.
+Token counts are those of the paper's sequences: 3968 = first frame + text, 11888 = last step at 121
+frames, 15488 = last step at 241 frames, 65536 = a long sequence.
+
+    PYTHONPATH=. python benchmarks/bench_layers.py --out benchmarks/results/layers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import bench, environment, peak_memory, write_json  # noqa: E402
+
+from m4v.layers.attention import QKNorm  # noqa: E402
+from m4v.layers.rope import apply_rope, frame_positions, rope_cos_sin  # noqa: E402
+from m4v.models.blocks import MMDiMBlock, SequenceContext  # noqa: E402
+
+# (label, text tokens, frame token grids): the sequences of the paper at 768p
+LAYOUTS = {
+    3968: (128, [(48, 80)]),
+    11888: (128, [(12, 20)] * 13 + [(24, 40), (48, 80), (48, 80)]),
+    15488: (128, [(12, 20)] * 28 + [(24, 40), (48, 80), (48, 80)]),
+    65536: (256, [(24, 40)] * 4 + [(48, 80)] * 16),
+}
+
+
+class AttentionMixer(nn.Module):
+    """qkv -> RMSNorm q/k -> RoPE -> SDPA -> out."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qk = QKNorm(heads, dim // heads)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend) -> torch.Tensor:  # noqa: ANN001
+        q, k, v = self.qk(self.qkv(x))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        with torch.nn.attention.sdpa_kernel(backend):
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(LAYOUTS))
+    ap.add_argument("--dim", type=int, default=1920)
+    ap.add_argument("--heads", type=int, default=30)
+    ap.add_argument("--ssd-backends", nargs="+", default=["triton", "torch"])
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    from torch.nn.attention import SDPBackend
+
+    from m4v.ops import list_ssd_backends
+
+    D, H = args.dim, args.heads
+    rows = []
+    attn = AttentionMixer(D, H).to(dev, dt)
+    ssm = dict(d_state=D // H, expand=1, headdim=D // H, ngroups=H, chunk_size=256)
+    mixers = {
+        "mmdim+temporal": MMDiMBlock(D, H, 4 * D, ssm, path=1, temporal_branch=True).to(dev, dt),
+        "mmdim": MMDiMBlock(D, H, 4 * D, ssm, path=1, temporal_branch=False).to(dev, dt),
+    }
+    for n in args.tokens:
+        L, sizes = LAYOUTS[n]
+        nv = sum(a * b for a, b in sizes)
+        x = torch.randn(1, L + nv, D, device=dev, dtype=dt, requires_grad=True)
+        grad = torch.randn_like(x)
+        pos = frame_positions(sizes, sizes[-1], L, dev)
+        axes = (16, 24, 24) if D // H == 64 else (D // H // 4 * 2, D // H // 4, D // H // 4)
+        rope = rope_cos_sin(pos, axes)
+        backends = (("attention/cudnn", SDPBackend.CUDNN_ATTENTION), ("attention/flash", SDPBackend.FLASH_ATTENTION))
+        for name, backend in backends if dev.type == "cuda" else (("attention/math", SDPBackend.MATH),):
+            try:
+                f = lambda: attn(x, rope, backend)  # noqa: E731
+                fb = lambda: attn(x, rope, backend).backward(grad)  # noqa: E731
+                rows.append(dict(layer=name, tokens=L + nv, fwd_ms=bench(f), fwd_bwd_ms=bench(fb),
+                                 peak_gib_fwd_bwd=peak_memory(fb)))
+            except RuntimeError as e:
+                rows.append(dict(layer=name, tokens=L + nv, error=str(e).splitlines()[0]))
+        mask = torch.ones(1, L, dtype=torch.bool, device=dev)
+        for ssd_backend in args.ssd_backends:
+            if ssd_backend not in list_ssd_backends():
+                continue
+            import os
+
+            os.environ["M4V_SSD_BACKEND"] = ssd_backend
+            for name, block in mixers.items():
+                def fwd(block=block):  # noqa: ANN001, ANN202
+                    ctx = SequenceContext(mask, sizes, axes, 10000.0)
+                    return block.mix(x, ctx)
+
+                try:
+                    rows.append(dict(layer=f"{name}/{ssd_backend}", tokens=L + nv, fwd_ms=bench(fwd),
+                                     fwd_bwd_ms=bench(lambda fwd=fwd: fwd().backward(grad)),
+                                     peak_gib_fwd_bwd=peak_memory(lambda fwd=fwd: fwd().backward(grad))))
+                except RuntimeError as e:
+                    rows.append(dict(layer=f"{name}/{ssd_backend}", tokens=L + nv, error=str(e).splitlines()[0]))
+            os.environ.pop("M4V_SSD_BACKEND", None)
+        torch.cuda.empty_cache()
+    write_json(args.out, dict(environment(), benchmark="mixer layers (issue 5b)", dim=D, heads=H, rows=rows))
+    print(f"{'layer':<28} {'tokens':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak GiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['layer']:<28} {r['tokens']:>7} error: {r['error'][:60]}")
+        else:
+            print(f"{r['layer']:<28} {r['tokens']:>7} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
+                  f"{r['peak_gib_fwd_bwd']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
