@@ -13,14 +13,16 @@ import torch
 
 
 def environment() -> dict:
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git on the machine
-        pass
+    commit = os.environ.get("M4V_COMMIT", "")
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            commit = out.stdout.strip() if out.returncode == 0 else ""
+        except Exception:  # noqa: BLE001 - no git on the machine
+            pass
     env = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit or os.environ.get("M4V_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -125,6 +125,7 @@ class RecompositionPlan:
     vis_index: torch.Tensor  # [Lv] indices into cat([registers (3), visual tokens])
     vis_inverse: torch.Tensor  # [Nv] position in the visual block of each original visual token
     recompose_text: bool
+    _keep: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -134,9 +135,10 @@ class RecompositionPlan:
         path: int,
         recompose_text: bool = True,
         registers: bool = True,
+        text: TextArrangement | None = None,
     ) -> RecompositionPlan:
         vis_index, vis_inverse = visual_indices(sizes, path, registers, text_mask.device)
-        text = TextArrangement.from_mask(text_mask.bool())
+        text = text if text is not None else TextArrangement.from_mask(text_mask.bool())
         return cls(text, text_mask.shape[1], vis_index, vis_inverse, recompose_text)
 
     @property
@@ -145,6 +147,11 @@ class RecompositionPlan:
 
     def keep_mask(self) -> torch.Tensor:
         """[B, S] True where the sequence holds a real token (False on text padding)."""
+        if self._keep is None:
+            self._keep = self._build_keep()
+        return self._keep
+
+    def _build_keep(self) -> torch.Tensor:
         parts = [self.text.left_valid, torch.ones_like(self.text.left_valid[:, :1]).expand(-1, self.visual_len)]
         if self.recompose_text:
             parts.append(self.text.right_valid)

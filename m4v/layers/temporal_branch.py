@@ -24,7 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m4v.layers.norms import RMSNorm
+from m4v.layers.norms import RMSNorm, upcast
+
+
+def _runs(sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
+    """Consecutive equal sizes as (size, count) runs."""
+    runs: list[tuple[tuple[int, int], int]] = []
+    for s in sizes:
+        if runs and runs[-1][0] == tuple(s):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((tuple(s), 1))
+    return runs
+
+
+def folded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_history: int) -> torch.Tensor:
+    """Softmax attention over a handful of very wide tokens (explicit: no fused kernel takes such head dims)."""
+    T = q.shape[-2]
+    scores = upcast(torch.matmul(q, k.transpose(-1, -2))) * q.shape[-1] ** -0.5
+    mask = temporal_causal_mask(num_history, T - num_history, q.device)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def temporal_causal_mask(num_history: int, num_current: int, device: torch.device) -> torch.Tensor:
@@ -53,19 +73,29 @@ class TemporalBranch(nn.Module):
         K = H // hs
         if H % hs or W % ws or W // ws != K:
             raise ValueError(f"TemporalBranch: frame grids {list(sizes)} are not a pyramid of the current frame")
-        frames = torch.split(h, [a * b for a, b in sizes], dim=1)
-        pooled = [self._pool(f, s, (hs, ws)) for f, s in zip(frames[:-1], sizes[:-1])]
-        cur = frames[-1].reshape(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5).reshape(B, K * K, hs * ws, D)
-        tokens = torch.cat([torch.stack(pooled, 1), cur], 1) if pooled else cur  # [B, T, hs*ws, D]
+        n_cur = H * W
+        hist_sizes = list(sizes[:-1])
+        groups = _runs(hist_sizes)  # consecutive history frames of one size are pooled in one call
+        parts, off = [], 0
+        for (a, b), count in groups:
+            chunk = h[:, off : off + count * a * b].reshape(B * count, a * b, D)
+            parts.append(self._pool(chunk, (a, b), (hs, ws)).reshape(B, count, hs * ws, D))
+            off += count * a * b
+        cur = h[:, off:].reshape(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5).reshape(B, K * K, hs * ws, D)
+        tokens = torch.cat([*parts, cur], 1)  # [B, T, P, D]
+        nh = len(hist_sizes)
         q, k, v = self.qkv(tokens).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)  # [B, T, P, heads, hd]
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (t.permute(0, 3, 1, 2, 4).flatten(-2) for t in (q, k, v))  # [B, heads, T, P*hd]
-        mask = temporal_causal_mask(len(pooled), K * K, h.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, T, hs*ws*hd]
-        o = o.unflatten(-1, (hs * ws, -1)).permute(0, 2, 3, 1, 4).flatten(-2)  # [B, T, hs*ws, D]
-        outs = [self._unpool(o[:, i], (hs, ws), s) for i, s in enumerate(sizes[:-1])]
-        o_cur = o[:, len(pooled) :].reshape(B, K, K, hs, ws, D).permute(0, 3, 1, 4, 2, 5).reshape(B, H * W, D)
-        return torch.cat(outs + [o_cur], 1)
+        o = folded_causal_attention(q, k, v, nh)  # [B, heads, T, P*hd]
+        o = o.unflatten(-1, (hs * ws, -1)).permute(0, 2, 3, 1, 4).flatten(-2)  # [B, T, P, D]
+        outs, t0 = [], 0
+        for (a, b), count in groups:
+            chunk = o[:, t0 : t0 + count].reshape(B * count, hs * ws, D)
+            outs.append(self._unpool(chunk, (hs, ws), (a, b)).reshape(B, count * a * b, D))
+            t0 += count
+        o_cur = o[:, nh:].reshape(B, K, K, hs, ws, D).permute(0, 3, 1, 4, 2, 5).reshape(B, n_cur, D)
+        return torch.cat([*outs, o_cur], 1)
 
     @staticmethod
     def _pool(x: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from m4v.layers.attention import QKNorm, frame_causal_mask, rope_attention
 from m4v.layers.embeddings import AdaLNModulation, layer_norm, modulate
 from m4v.layers.mamba2 import Mamba2Mixer
-from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan
+from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement
 from m4v.layers.rope import frame_positions, rope_cos_sin
 from m4v.layers.temporal_branch import TemporalBranch
 
@@ -66,8 +66,10 @@ class SequenceContext:
     def plan(self, path: int) -> RecompositionPlan:
         key = ("plan", path)
         if key not in self._cache:
+            if "text" not in self._cache:
+                self._cache["text"] = TextArrangement.from_mask(self.text_mask)
             self._cache[key] = RecompositionPlan.build(
-                self.sizes, self.text_mask, path, self.recompose_text, self.registers
+                self.sizes, self.text_mask, path, self.recompose_text, self.registers, text=self._cache["text"]
             )
         return self._cache[key]
 

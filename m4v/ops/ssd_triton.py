@@ -154,6 +154,9 @@ def ssd_triton(
 ) -> SSDOutput:
     """Chunked SSD scan in Triton; arguments and result as :func:`m4v.ops.ssd` (final state fp32)."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
+    # strided views (slices of the fused in_proj output) crashed a kernel on the H100: pass dense tensors
+    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
     y, final_state = _SSDTriton.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size)
     return (y, final_state) if return_final_state else y
 
