@@ -94,12 +94,10 @@ def _quiet_libraries() -> None:
         pass
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    if not args.prompt or not args.prompt.strip():
-        raise ValueError("prompt: must be a non-empty string")
-    out = check_output_path(args.output)
-    steps = parse_steps(args.steps, "--steps")
-    video_steps = parse_steps(args.video_steps, "--video-steps") if args.video_steps else None
+def _check_common(args: argparse.Namespace) -> None:
+    parse_steps(args.steps, "--steps")
+    if args.video_steps:
+        parse_steps(args.video_steps, "--video-steps")
     for name, g in (("--guidance", args.guidance), ("--video-guidance", args.video_guidance)):
         if g is not None and g < 0:
             raise ValueError(f"{name}: must be >= 0, got {g}")
@@ -107,58 +105,84 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtype: unknown dtype {args.dtype!r}; choose float32, bfloat16 or float16")
     if args.fps <= 0:
         raise ValueError(f"--fps: must be positive, got {args.fps}")
-    if args.image is not None and not os.path.isfile(args.image):
-        raise ValueError(f"--image: file {args.image!r} does not exist")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
+    """Load the pipeline on the requested device/dtype and turn the flags into pipeline arguments."""
     _one_line_warnings()
     _quiet_libraries()
     import torch
 
-    from m4v.io.video import write_video
     from m4v.pipelines import M4VPipeline
 
     device = resolve_device(args.device)
-    model_dir = args.model or default_model_dir()
-    pipe = M4VPipeline.from_pretrained(model_dir)
-    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe = M4VPipeline.from_pretrained(args.model or default_model_dir())
     pipe.to(device)
-    pipe.transformer.to(dtype)
+    pipe.transformer.to(getattr(torch, DTYPES[args.dtype]))
     stages = pipe.scheduler.config.num_stages
+    steps = parse_steps(args.steps, "--steps")
     steps = steps * stages if len(steps) == 1 else steps
     if len(steps) != stages:
         raise ValueError(f"--steps: give 1 or {stages} values (one per pyramid stage), got {len(steps)}")
-    kwargs = dict(num_inference_steps=steps)
-    if video_steps is not None:
+    kwargs: dict = dict(num_inference_steps=steps, height=args.height, width=args.width, num_frames=args.frames,
+                        negative_prompt=args.negative_prompt, self_quality_guidance=args.self_quality_guidance)
+    if args.video_steps:
+        video_steps = parse_steps(args.video_steps, "--video-steps")
         video_steps = video_steps * stages if len(video_steps) == 1 else video_steps
         if len(video_steps) != stages:
             raise ValueError(f"--video-steps: give 1 or {stages} values, got {len(video_steps)}")
         kwargs["video_num_inference_steps"] = video_steps
-    elif args.steps:
+    else:
         kwargs["video_num_inference_steps"] = [max(1, s // 2) for s in steps]
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
     if args.video_guidance is not None:
         kwargs["video_guidance_scale"] = args.video_guidance
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        generator=generator,
-        image=args.image,
-        self_quality_guidance=args.self_quality_guidance,
-        **kwargs,
-    )
+    return pipe, kwargs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+    out = check_output_path(args.output)
+    _check_common(args)
+    if args.image is not None and not os.path.isfile(args.image):
+        raise ValueError(f"--image: file {args.image!r} does not exist")
+    import torch
+
+    from m4v.io.video import write_video
+
+    pipe, kwargs = _load(args)
+    result = pipe(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), image=args.image, **kwargs)
     write_video(out, result.frames[0], fps=args.fps)
     print(out)
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video from a sentence (text-to-video / image-to-video)")
-    p.add_argument("prompt", help="what the video should show")
-    p.add_argument("-o", "--output", required=True, help="output file, .mp4 (H.264) or .gif")
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Generate --per-prompt videos for every prompt of a list, VBench naming, resumable."""
+    from m4v.eval.sampling import load_prompts, sample_prompts
+
+    _check_common(args)
+    if args.per_prompt < 1:
+        raise ValueError(f"--per-prompt: must be >= 1, got {args.per_prompt}")
+    prompts = load_prompts(args.prompts)
+    os.makedirs(args.out, exist_ok=True)
+    check_output_path(os.path.join(args.out, "probe.mp4"))
+    import torch
+
+    pipe, kwargs = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompt: str, seed: int):  # noqa: ANN202 - frames [F, H, W, 3] in [0, 1]
+        return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames[0]
+
+    written = sample_prompts(generate, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, fps=args.fps)
+    print(f"{len(written)} videos in {args.out}")
+    return 0
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 8k (default: the model's)")
     p.add_argument("--height", type=int, default=None)
@@ -171,8 +195,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--self-quality-guidance", type=float, default=0.0, help="paper E.3 weight (0 = off)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--model", default=None, help="model directory (default: the model shipped in the package)")
-    p.add_argument("--image", default=None, help="image-to-video: this image becomes the first frame")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (transformer weights)")
     p.add_argument("--fps", type=float, default=24.0)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video from a sentence (text-to-video / image-to-video)")
+    p.add_argument("prompt", help="what the video should show")
+    p.add_argument("-o", "--output", required=True, help="output file, .mp4 (H.264) or .gif")
+    p.add_argument("--image", default=None, help="image-to-video: this image becomes the first frame")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sample", help="generate videos for a prompt list (VBench naming, resumable)")
+    p.add_argument("--prompts", required=True, help="a prompt file (one per line) or a built-in suite name "
+                   "(vbench_custom50, user_study50)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--per-prompt", type=int, default=5)
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_sample)

@@ -99,3 +99,19 @@ def test_long_prompt_warns_and_proceeds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "truncated" in err.lower()
     assert out.exists()
+
+
+def test_sample_prompt_list_resumable(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving up on a black background\na blue square staying still on a gray background\n")
+    out = tmp_path / "videos"
+    args = ["sample", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--frames", "1", *FAST]
+    assert main(args) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(f"{p}-{i}.mp4" for p in prompts.read_text().split("\n") if p for i in range(2))
+    stamp = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / files[0]).unlink()
+    assert main(args) == 0  # resumes: only the missing video is made again
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in out.iterdir() if p.name != files[0])
+    assert main(["sample", "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2

@@ -1,0 +1,127 @@
+"""``m4v eval`` subcommands: VBench-style metrics of generated videos (paper Sec. 4.1, B.1, C.1), the
+Moving-Shapes analyser and the built-in prompt suites.  Hook: ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+VBENCH_HELP = """VBench-style evaluation of a folder of generated videos named PROMPT-INDEX.mp4 (VBench naming).
+
+Without network weights only weight-free measures run: temporal flickering (exact VBench formula) and
+proxies of motion smoothness, dynamic degree, subject and background consistency (see
+docs/evaluation.md). With local weights: --dino gives VBench's subject consistency, --clip its background
+consistency (VBench: ViT-B/32) and a CLIP overall consistency (ViCLIP substitute), --aesthetic its
+aesthetic quality on --aesthetic-clip (VBench: ViT-L/14; default: --clip). Imaging quality (MUSIQ) is
+not available, so the Quality / Total scores are reported only as partial scores. Unreadable videos are
+reported and skipped."""
+
+SHAPES_HELP = """Analyse generated Moving-Shapes videos named CAPTION-INDEX.mp4 (canonical captions): finds each
+object's colour, shape, size and motion and scores them against the caption."""
+
+
+def _check_png(path: str | None) -> None:
+    if path is not None and Path(path).suffix.lower() != ".png":
+        raise ValueError(f"--plot: {path!r} must end in .png.")
+
+
+def _cmd_vbench(args: argparse.Namespace) -> int:
+    from m4v.eval.report import format_report, plot_report, to_json, write_json
+    from m4v.eval.vbench import evaluate_folder
+
+    _check_png(args.plot)
+    report = evaluate_folder(
+        args.videos,
+        prompts=args.prompts,
+        clip_dir=args.clip,
+        dino_dir=args.dino,
+        aesthetic_path=args.aesthetic,
+        aesthetic_clip_dir=args.aesthetic_clip,
+        device=args.device,
+        subsets=args.subsets,
+        progress=not args.no_progress,
+    )
+    if args.out:
+        write_json(report, args.out)
+    if args.plot:
+        plot_report(report, args.plot)
+    print(to_json(report) if args.json else format_report(report))
+    return 0
+
+
+def _format_shapes(report: dict) -> str:
+    lines = [f"Moving-Shapes analysis of {report['num_videos']} video(s) in {report['videos_dir']}"]
+    if report["accuracy"]:
+        acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["accuracy"].items())
+        lines.append(f"accuracy over {report['num_scored']} captioned video(s): {acc}")
+    lines.append(f"mean temporal flickering: {100 * report['mean_temporal_flickering']:.2f}%")
+    for s in report["skipped"]:
+        lines.append(f"skipped {s['file']}: {s['reason']}")
+    for w in report["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _cmd_shapes(args: argparse.Namespace) -> int:
+    from m4v.eval.report import write_json
+    from m4v.eval.shapes import evaluate_shapes_folder
+
+    report = evaluate_shapes_folder(args.videos, progress=not args.no_progress)
+    if args.out:
+        write_json(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else _format_shapes(report))
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    from m4v.eval.sampling import load_prompts
+
+    for p in load_prompts(args.suite):
+        print(p)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` (with ``vbench``, ``shapes`` and ``prompts``) to the ``m4v`` command."""
+    from m4v.eval.sampling import BUILTIN_PROMPTS
+
+    p = subparsers.add_parser("eval", help="evaluate generated videos (VBench-style, Moving Shapes)")
+    sub = p.add_subparsers(dest="eval_command", required=True)
+
+    v = sub.add_parser(
+        "vbench", help="VBench-style dimension scores of a folder of videos", description=VBENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("--videos", required=True, help="folder of PROMPT-INDEX.mp4 videos")
+    v.add_argument("--prompts", help=f"prompt file or built-in suite ({', '.join(BUILTIN_PROMPTS)})")
+    v.add_argument("--clip", help="local CLIPModel folder (save_pretrained)")
+    v.add_argument("--dino", help="local DINO ViT / DINOv2 folder (save_pretrained)")
+    v.add_argument("--aesthetic", help="aesthetic head (linear layers) as .safetensors; needs a CLIP")
+    v.add_argument(
+        "--aesthetic-clip", help="CLIPModel folder under the aesthetic head (VBench: ViT-L/14); default --clip"
+    )
+    v.add_argument("--device", default="cpu", help="torch device for the networks (default cpu)")
+    v.add_argument(
+        "--subsets", action="store_true",
+        help="VBench standard mode: each dimension only on the prompts of its VBench list",
+    )
+    v.add_argument("--json", action="store_true", help="print the full report as JSON")
+    v.add_argument("--out", help="also write the JSON report to this file")
+    v.add_argument("--plot", help="write a PNG bar chart of the dimension scores")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=_cmd_vbench)
+
+    s = sub.add_parser("shapes", help="Moving-Shapes analyser and caption accuracy", description=SHAPES_HELP)
+    s.add_argument("--videos", required=True, help="folder of CAPTION-INDEX.mp4 videos")
+    s.add_argument("--json", action="store_true", help="print the full report as JSON")
+    s.add_argument("--out", help="also write the JSON report to this file")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_shapes)
+
+    r = sub.add_parser("prompts", help="print a built-in prompt suite, one prompt per line")
+    r.add_argument("suite", choices=list(BUILTIN_PROMPTS))
+    r.set_defaults(func=_cmd_prompts)
+
+
+__all__ = ["register"]
