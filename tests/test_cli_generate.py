@@ -103,7 +103,8 @@ def test_long_prompt_warns_and_proceeds(tmp_path, capsys):
 
 def test_sample_prompt_list_resumable(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving up on a black background\na blue square staying still on a gray background\n")
+    lines = ["a red circle moving up on a black background", "a blue square staying still on a gray background"]
+    prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "videos"
     args = ["sample", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--frames", "1", *FAST]
     assert main(args) == 0

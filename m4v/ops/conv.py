@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
 _ACTIVATIONS = (None, "silu", "swish")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TRITON_MAX_TAPS = 4
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import m4v.ops.conv_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, seq_mask: torch.Tensor | None) -> bool:
+    """Fused Triton kernel for CUDA inputs it supports, unless M4V_DISABLE_TRITON=1 or triton is missing."""
+    if not x.is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1":
+        return False
+    if x.dtype not in _TRITON_DTYPES or weight.shape[1] > _TRITON_MAX_TAPS:
+        return False
+    if seq_mask is not None and seq_mask.requires_grad:
+        return False  # the kernel treats the mask as a constant
+    return _triton_importable()
 
 
 def causal_conv1d(
@@ -27,6 +52,9 @@ def causal_conv1d(
 
     Returns:
         [b, l, d] tensor in x's dtype.
+
+    CUDA inputs run the fused Triton kernel (m4v.ops.conv_triton; float32 accumulation) when triton is
+    importable, unless the environment sets M4V_DISABLE_TRITON=1; everything else runs the torch path below.
     """
     if x.dim() != 3:
         raise ValueError(f"x must have shape [batch, length, channels], got {tuple(x.shape)}.")
@@ -39,6 +67,10 @@ def causal_conv1d(
         raise ValueError(f"activation must be None or 'silu', got {activation!r}.")
     if seq_mask is not None and seq_mask.shape != (b, l):
         raise ValueError(f"seq_mask must have shape [{b}, {l}], got {tuple(seq_mask.shape)}.")
+    if _use_triton(x, weight, seq_mask):
+        from m4v.ops.conv_triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, activation, seq_mask)
 
     k = weight.shape[1]
     mask = None if seq_mask is None else seq_mask.to(x.dtype).unsqueeze(-1)
