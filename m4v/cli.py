@@ -16,6 +16,18 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     from m4v.eval.flops import compute_table, format_table, table_dict
     from m4v.models.layouts import LAYOUTS
 
+    if args.family == "wan":
+        from m4v.models.wan_configs import WAN_FLOPS_NOTES, format_wan_flops, wan_flops_rows
+
+        rows = wan_flops_rows(480, 832, 81) + wan_flops_rows(720, 1280, 81)
+        if args.json:
+            print(json.dumps({"rows": rows, "notes": WAN_FLOPS_NOTES}, indent=2))
+        else:
+            print(format_wan_flops(rows))
+            print("\nnotes:")
+            for n in WAN_FLOPS_NOTES:
+                print(f"- {n}")
+        return 0
     layouts = tuple(args.layouts) if args.layouts else LAYOUTS
     for layout in layouts:
         if layout not in LAYOUTS:
@@ -58,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=128)
     p.add_argument("--layouts", nargs="+")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--family", choices=["pyramidflow", "wan"], default="pyramidflow",
+                   help="wan: Wan2.1-1.3B/14B at 480p and 720p, 81 frames, attention vs MM-DiM (Sec. 4.3)")
     p.set_defaults(func=_cmd_flops)
 
     for register in _extra_commands():

@@ -116,7 +116,12 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
     from m4v.pipelines import M4VPipeline
 
     device = resolve_device(args.device)
-    pipe = M4VPipeline.from_pretrained(args.model or default_model_dir())
+    model_dir = args.model or default_model_dir()
+    from m4v.pipelines.pipeline_wan import M4VWanPipeline, is_wan_model_dir
+
+    if is_wan_model_dir(model_dir):
+        return _load_wan(args, M4VWanPipeline.from_pretrained(model_dir), device)
+    pipe = M4VPipeline.from_pretrained(model_dir)
     pipe.to(device)
     pipe.transformer.to(getattr(torch, DTYPES[args.dtype]))
     stages = pipe.scheduler.config.num_stages
@@ -141,6 +146,28 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
     return pipe, kwargs
 
 
+def _load_wan(args: argparse.Namespace, pipe, device):  # noqa: ANN001, ANN202 - (pipeline, call kwargs)
+    """The Wan2.1 family: whole-video flow matching, one step count, one guidance scale (paper Sec. 4.1)."""
+    import torch
+
+    for flag, value in (("--image", getattr(args, "image", None)), ("--video-steps", args.video_steps),
+                        ("--video-guidance", args.video_guidance)):
+        if value is not None:
+            raise ValueError(f"{flag}: not used by the Wan2.1 family (non-autoregressive); leave it out")
+    if args.self_quality_guidance:
+        raise ValueError("--self-quality-guidance: not used by the Wan2.1 family (non-autoregressive)")
+    steps = parse_steps(args.steps, "--steps")
+    if len(steps) != 1:
+        raise ValueError("--steps: the Wan2.1 family takes one step count")
+    pipe.to(device)
+    pipe.transformer.to(getattr(torch, DTYPES[args.dtype]))
+    kwargs: dict = dict(num_inference_steps=steps[0], height=args.height, width=args.width, num_frames=args.frames,
+                        negative_prompt=args.negative_prompt)
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    return pipe, kwargs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt or not args.prompt.strip():
         raise ValueError("prompt: must be a non-empty string")
@@ -153,7 +180,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from m4v.io.video import write_video
 
     pipe, kwargs = _load(args)
-    result = pipe(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), image=args.image, **kwargs)
+    if args.image is not None:
+        kwargs["image"] = args.image
+    result = pipe(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
     write_video(out, result.frames[0], fps=args.fps)
     print(out)
     return 0
