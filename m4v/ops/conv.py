@@ -71,8 +71,18 @@ def causal_conv1d(
         from m4v.ops.conv_triton import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, activation, seq_mask)
+    return _causal_conv1d_torch(x, weight, bias, activation, seq_mask)
 
-    k = weight.shape[1]
+
+def _causal_conv1d_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    seq_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The torch path of causal_conv1d (arguments already checked): reference, CPU and fallback implementation."""
+    d, k = weight.shape
     mask = None if seq_mask is None else seq_mask.to(x.dtype).unsqueeze(-1)
     if mask is not None:
         x = x * mask
