@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from m4v import generate_cli
     from m4v.eval import cli as eval_cli
+    from m4v.training import cli as training_cli
 
-    return [generate_cli.register, eval_cli.register]
+    return [generate_cli.register, eval_cli.register, training_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -162,10 +162,21 @@ def test_cli_hooks(wan_dirs, tmp_path):
     conv.add_argument("--swap-qk", action="store_true")
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--set", action="append")
+    conv.add_argument("--no-fold-qk-norm", action="store_true")
     add_wan_convert_arguments(conv)
     args = conv.parse_args(["--from-wan", str(root / "single"), "-o", str(tmp_path / "b"), "--swap-qk"])
     assert cli_convert_from_wan(args) == 0
     assert M4VWanTransformer.from_pretrained(tmp_path / "b" / "transformer").config.layout == "mmdim"
+
+
+def test_m4v_convert_from_wan_command(wan_dirs, tmp_path, capsys):
+    from m4v.cli import main
+
+    wan, root = wan_dirs
+    assert main(["convert", "--from-wan", str(root / "single"), "-o", str(tmp_path / "c")]) == 0
+    assert M4VWanTransformer.from_pretrained(tmp_path / "c" / "transformer").config.layout == "mmdim"
+    assert main(["convert", "-o", str(tmp_path / "d")]) == 2
+    assert "exactly one of" in capsys.readouterr().err
 
 
 def test_errors_name_the_problem(wan_dirs, tmp_path):

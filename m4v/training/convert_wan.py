@@ -341,8 +341,9 @@ def add_wan_convert_arguments(parser: argparse.ArgumentParser, standalone: bool 
     parser.add_argument("--vae", metavar="DIR", help="Wan VAE folder (AutoencoderKLWan), copied into OUT_DIR/vae")
     parser.add_argument("--text-encoder", metavar="DIR", help="UMT5 encoder folder, or 'minilm' (text_dim 384)")
     parser.add_argument("--tokenizer", metavar="DIR", help="UMT5 tokenizer folder (default: the encoder folder)")
-    parser.add_argument("--no-fold-qk-norm", action="store_true",
-                        help="drop Wan's q/k RMSNorm gains instead of folding them into the C/B rows")
+    if standalone:  # the shared convert parser already has it
+        parser.add_argument("--no-fold-qk-norm", action="store_true",
+                            help="drop Wan's q/k RMSNorm gains instead of folding them into the C/B rows")
     parser.add_argument("--dtype", default=None, help="saved dtype: float32, bfloat16, float16 (default: Wan's)")
 
 

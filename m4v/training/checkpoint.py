@@ -1,0 +1,139 @@
+"""Training checkpoints with torch.distributed.checkpoint: model, optimizer, EMA, step, RNG, data position.
+
+``OUT/checkpoints/step-00001000/`` holds the DCP shards (``model``, ``optim``, ``ema``), one
+``rng-rank{r}.pt`` per rank and ``meta.json`` (written last, so a folder without it is an incomplete
+snapshot and is ignored). DCP reshards on load, so a run can resume on a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from m4v.training.distributed import DistInfo, barrier
+from m4v.training.ema import EMA
+from m4v.training.seeding import rng_state, set_rng_state
+
+META = "meta.json"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with meta.json), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / META).is_file())
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _quiet() -> warnings.catch_warnings:
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    return ctx
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: EMA | None) -> dict[str, Any]:
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": msd, "optim": osd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ema: EMA | None,
+    meta: dict[str, Any],
+    info: DistInfo,
+    keep: int | None = None,
+) -> Path:
+    """Collective: every rank calls it. ``meta`` (JSON) is written by rank 0 once all shards are on disk."""
+    path = Path(path)
+    if info.is_main:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    barrier(info)
+    ctx = _quiet()
+    try:
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+    torch.save(rng_state(), path / f"rng-rank{info.rank}.pt")
+    barrier(info)
+    if info.is_main:
+        (path / META).write_text(json.dumps(dict(meta, world_size=info.world), indent=1))
+        if keep is not None:
+            for old in list_checkpoints(path.parent.parent)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ema: EMA | None,
+    info: DistInfo,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint in place (collective); returns its meta."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ValueError(f"checkpoint: {path} is not a complete checkpoint (no {META}).")
+    meta = json.loads((path / META).read_text())
+    state = _state(model, optimizer, ema)
+    ctx = _quiet()
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    finally:
+        ctx.__exit__(None, None, None)
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    rng_file = path / f"rng-rank{info.rank}.pt"
+    if restore_rng and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """``auto``: the latest complete checkpoint of the run if any; ``none``: start fresh; else a path."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    p = Path(resume)
+    if not (p / META).is_file():
+        raise ValueError(f"checkpoint.resume: {p} is not a complete checkpoint folder (no {META}).")
+    return p
