@@ -77,10 +77,9 @@ class Mamba2Mixer(nn.Module):
         """Gated SSM output [B, S, d_inner] for input [B, S, d_model]; ``keep`` [B, S] zeroes padding inputs."""
         b, s, _ = u.shape
         z, xbc, dt = self.split_projection(self.in_proj(u))
-        xbc = causal_conv1d(xbc, self.conv_weight, self.conv_bias, activation="silu")
+        # padding tokens (keep == False) are zero before the conv and zero after it: the state stays exactly 0
+        xbc = causal_conv1d(xbc, self.conv_weight, self.conv_bias, activation="silu", seq_mask=keep)
         x, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
         y = ssd(
             x.reshape(b, s, self.nheads, self.headdim),
             dt,
