@@ -73,7 +73,7 @@ def vae_time(num_frames: int, h: int, w: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--frames", type=int, nargs="+", default=[121, 241])
+    ap.add_argument("--frames", type=int, nargs="+", default=[241, 121])
     ap.add_argument("--layouts", nargs="+", default=["full_temp", "full_attn"])
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--width", type=int, default=1280)
@@ -95,6 +95,7 @@ def main() -> None:
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             r.update(layout=layout, frames=nf, peak_gib=peak)
             rows.append(r)
+            write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows))
             print(f"{layout:<10} {nf:>4} frames: transformer {r['transformer_s']:8.1f} s  peak {r['peak_gib']:.1f} GiB",
                   flush=True)
         del model
