@@ -200,3 +200,19 @@ def test_cli_user_errors_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
 def test_cli_prompts(monkeypatch, capsys) -> None:
     assert _main(["eval", "prompts", "vbench_custom50"], monkeypatch) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 50
+
+
+def test_single_frame_videos_give_a_clear_error(tmp_path, capsys):
+    """One-frame videos leave every dimension empty: one line, exit 2, no empty report or chart."""
+    import numpy as np
+
+    from m4v.cli import main
+    from m4v.io.video import write_video
+
+    for i in range(2):
+        write_video(tmp_path / f"a cat-{i}.mp4", np.full((1, 16, 16, 3), 100, np.uint8))
+    plot = tmp_path / "chart.png"
+    assert main(["eval", "vbench", "--videos", str(tmp_path), "--plot", str(plot), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 frames" in err and len(err.strip().splitlines()) == 1
+    assert not plot.exists()

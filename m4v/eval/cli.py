@@ -42,6 +42,11 @@ def _cmd_vbench(args: argparse.Namespace) -> int:
         subsets=args.subsets,
         progress=not args.no_progress,
     )
+    if not report["dimensions"]:
+        raise ValueError(
+            f"no dimension could be computed for the {report['num_videos']} video(s) in {args.videos}: "
+            "every metric needs at least 2 frames per video"
+        )
     if args.out:
         write_json(report, args.out)
     if args.plot:
