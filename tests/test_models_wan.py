@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_
 
 from m4v.layers.temporal_branch import TemporalBranch
 from m4v.layers.zigzag import zigzag_path
@@ -19,15 +20,6 @@ from m4v.models.wan import (
 from m4v.models.wan_configs import resolved_wan_config, wan_flops_rows, wan_named_config
 
 C = 16
-
-
-def randomize_(model, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 or (name.endswith("bias") and "dt_bias" not in name):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny(**overrides):

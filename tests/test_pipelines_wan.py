@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
 from m4v.models.text_encoders import MiniLMTextEncoder
@@ -19,15 +20,6 @@ from m4v.pipelines.pipeline_wan import (
     wan_default_shift,
     wan_flow_matching_loss,
 )
-
-
-def randomize_(model, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 or (name.endswith("bias") and "dt_bias" not in name):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny_vae():

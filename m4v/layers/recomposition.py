@@ -83,14 +83,18 @@ class TextArrangement:
 
 @lru_cache(maxsize=512)
 def _visual_indices(
-    sizes: tuple[tuple[int, int], ...], path: int, registers: bool
+    sizes: tuple[tuple[int, int], ...], path: int, registers: bool, types: tuple[int, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vis_index, vis_inverse) on the CPU for one frame layout and scan path (cached: shapes repeat every step)."""
+    """(vis_index, vis_inverse) on the CPU for one frame layout and scan path (cached: shapes repeat every step).
+
+    ``types`` gives each frame's register type; by default its pyramid level (``register_types``).
+    """
     perm = zigzag_sequence(sizes, path)
     offsets = [0]
     for h, w in sizes:
         offsets.append(offsets[-1] + h * w)
-    parts, types = [], register_types(sizes)
+    parts = []
+    types = register_types(sizes) if types is None else types
     for f in range(len(sizes)):
         if registers:
             parts.append(torch.tensor([types[f]], dtype=torch.long))
@@ -104,14 +108,19 @@ _DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def visual_indices(
-    sizes: Sequence[tuple[int, int]], path: int, registers: bool, device: torch.device
+    sizes: Sequence[tuple[int, int]],
+    path: int,
+    registers: bool,
+    device: torch.device,
+    types: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached device copies of the visual gather indices (no host-to-device copy once warm)."""
-    key = (tuple((int(h), int(w)) for h, w in sizes), int(path), bool(registers), str(device))
+    frozen_types = None if types is None else tuple(int(t) for t in types)
+    key = (tuple((int(h), int(w)) for h, w in sizes), int(path), bool(registers), frozen_types, str(device))
     if key not in _DEVICE_CACHE:
         if len(_DEVICE_CACHE) > 1024:
             _DEVICE_CACHE.clear()
-        idx, inv = _visual_indices(key[0], key[1], key[2])
+        idx, inv = _visual_indices(key[0], key[1], key[2], key[3])
         _DEVICE_CACHE[key] = (idx.to(device), inv.to(device))
     return _DEVICE_CACHE[key]
 

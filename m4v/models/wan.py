@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,10 +39,10 @@ from torch import nn
 from m4v.layers.embeddings import MLPEmbedder, timestep_embedding
 from m4v.layers.mamba2 import Mamba2Mixer
 from m4v.layers.norms import RMSNorm
-from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement
+from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement, visual_indices
 from m4v.layers.rope import apply_rope, rope_cos_sin
 from m4v.layers.temporal_branch import TemporalBranch
-from m4v.layers.zigzag import inverse_permutation, layer_path, zigzag_sequence
+from m4v.layers.zigzag import layer_path
 from m4v.models.blocks import FeedForward
 
 FAMILY = "wan"
@@ -137,36 +136,12 @@ def wan_register_types(num_frames: int) -> list[int]:
     return [0] + [1] * (num_frames - 2) + [2]
 
 
-@lru_cache(maxsize=256)
-def _visual_indices(grid: tuple[int, int, int], path: int, registers: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vis_index into cat([registers, tokens]), vis_inverse) for T equal frames scanned by zigzag ``path``."""
-    T, H, W = grid
-    perm = zigzag_sequence([(H, W)] * T, path)
-    types = wan_register_types(T)
-    parts = []
-    for f in range(T):
-        if registers:
-            parts.append(torch.tensor([types[f]], dtype=torch.long))
-        parts.append(perm[f * H * W : (f + 1) * H * W] + NUM_REGISTER_TYPES)
-    index = torch.cat(parts)
-    positions = torch.nonzero(index >= NUM_REGISTER_TYPES).squeeze(1)
-    return index, positions[inverse_permutation(perm)]
-
-
-_DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def wan_visual_indices(
     grid: tuple[int, int, int], path: int, registers: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device copies of the visual gather indices, cached per (grid, path, registers, device)."""
-    key = (tuple(int(v) for v in grid), int(path), bool(registers), str(device))
-    if key not in _DEVICE_CACHE:
-        if len(_DEVICE_CACHE) > 1024:
-            _DEVICE_CACHE.clear()
-        index, inverse = _visual_indices(key[0], key[1], key[2])
-        _DEVICE_CACHE[key] = (index.to(device), inverse.to(device))
-    return _DEVICE_CACHE[key]
+    """Visual gather indices for T equal frames (shared cache of m4v.layers.recomposition), Wan register types."""
+    T, H, W = (int(v) for v in grid)
+    return visual_indices([(H, W)] * T, path, registers, device, types=wan_register_types(T))
 
 
 @dataclass
