@@ -17,8 +17,18 @@ aesthetic quality on --aesthetic-clip (VBench: ViT-L/14; default: --clip). Imagi
 not available, so the Quality / Total scores are reported only as partial scores. Unreadable videos are
 reported and skipped."""
 
-SHAPES_HELP = """Analyse generated Moving-Shapes videos named CAPTION-INDEX.mp4 (canonical captions): finds each
-object's colour, shape, size and motion and scores them against the caption."""
+SHAPES_HELP = """Moving-Shapes evaluation (paper D.1), in one of two modes:
+
+--videos DIR   analyse videos named CAPTION-INDEX.mp4 (canonical captions): finds each object's colour,
+               shape, size and motion and scores them against the caption;
+--model DIR    generate the held-out prompts (3 held-out colour/shape pairs x 5 motions x 3 backgrounds,
+               --seeds seeds each) with the model at its default size and frame count, analyse them the
+               same way and report the accuracy of colour, shape and motion and the mean temporal
+               flickering. Videos are kept in --videos-out as CAPTION-SEED.mp4 (existing ones are reused,
+               so an interrupted run resumes), else in a temporary folder."""
+
+GENERATION_FLAGS = ("seeds", "steps", "video_steps", "guidance", "video_guidance", "device", "dtype", "videos_out",
+                    "limit")
 
 
 def _check_png(path: str | None) -> None:
@@ -68,14 +78,54 @@ def _format_shapes(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """No hub look-ups and no loading chatter from diffusers / transformers while a model loads."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _cmd_shapes(args: argparse.Namespace) -> int:
     from m4v.eval.report import write_json
-    from m4v.eval.shapes import evaluate_shapes_folder
 
-    report = evaluate_shapes_folder(args.videos, progress=not args.no_progress)
+    if (args.videos is None) == (args.model is None):
+        raise ValueError("give exactly one of --videos DIR (analyse videos) or --model DIR (generate and analyse).")
+    if args.videos is not None:
+        for name in GENERATION_FLAGS:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')}: only used with --model, not with --videos.")
+        from m4v.eval.shapes import evaluate_shapes_folder
+
+        report = evaluate_shapes_folder(args.videos, progress=not args.no_progress)
+        text = _format_shapes
+    else:
+        from m4v.eval.shapes_generate import DEFAULT_STEPS, evaluate_model, format_report
+
+        _quiet_libraries()
+        report = evaluate_model(
+            args.model,
+            seeds=2 if args.seeds is None else args.seeds,
+            steps=args.steps or DEFAULT_STEPS,
+            video_steps=args.video_steps,
+            guidance=args.guidance,
+            video_guidance=args.video_guidance,
+            device=args.device or "cpu",
+            dtype=args.dtype or "float32",
+            videos_out=args.videos_out,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+        text = format_report
     if args.out:
         write_json(report, args.out)
-    print(json.dumps(report, indent=2) if args.json else _format_shapes(report))
+    print(json.dumps(report, indent=2) if args.json else text(report))
     return 0
 
 
@@ -117,8 +167,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_vbench)
 
-    s = sub.add_parser("shapes", help="Moving-Shapes analyser and caption accuracy", description=SHAPES_HELP)
-    s.add_argument("--videos", required=True, help="folder of CAPTION-INDEX.mp4 videos")
+    s = sub.add_parser(
+        "shapes", help="Moving-Shapes caption accuracy of videos or of a model", description=SHAPES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--videos", metavar="DIR", help="analyse this folder of CAPTION-INDEX.mp4 videos")
+    s.add_argument("--model", metavar="DIR", help="generate the held-out prompts with this M4V model and analyse them")
+    s.add_argument("--seeds", type=int, metavar="N", help="--model: videos (seeds 0..N-1) per prompt (default 2)")
+    s.add_argument("--steps", help="--model: Euler steps per pyramid stage of the first frame, N or a,b,c (default 20)")
+    s.add_argument("--video-steps", help="--model: steps per stage of later frames (default half of --steps)")
+    s.add_argument("--guidance", type=float, help="--model: text guidance of the first frame (default 7)")
+    s.add_argument("--video-guidance", type=float, help="--model: guidance of later frames (default 5)")
+    s.add_argument("--device", help="--model: torch device (default cpu)")
+    s.add_argument("--dtype", help="--model: float32 (default), bfloat16 or float16 transformer weights")
+    s.add_argument("--videos-out", metavar="DIR", help="--model: keep the videos here as CAPTION-SEED.mp4 (resumable)")
+    s.add_argument("--limit", type=int, metavar="N", help="--model: only N prompts, spread evenly over the list")
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.add_argument("--out", help="also write the JSON report to this file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -13,14 +14,58 @@ from m4v.training.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
+WAN_CLASS = "M4VWanTransformer"
+
+
+def _config_class(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def wan_transformer_folder(path: str) -> str:
+    """The M4VWanTransformer folder of ``path``: the folder itself or ``path/transformer`` (m4v convert --from-wan)."""
+    for folder in (path, os.path.join(path, "transformer")):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            if _config_class(folder) != WAN_CLASS:
+                raise ValueError(
+                    f"model.pretrained: {folder} holds a {_config_class(folder)}, not an {WAN_CLASS} "
+                    "(for the pyramidflow family set model.family: pyramidflow)."
+                )
+            return folder
+    raise ValueError(
+        f"model.pretrained: {path} has no config.json (nor transformer/config.json); give a save_pretrained "
+        "M4VWanTransformer folder or the output folder of 'm4v convert --from-wan'."
+    )
+
+
+def build_wan_transformer(cfg: ModelConfig, seed: int) -> Any:
+    """M4V (Wan2.1), Sec. 4.1: a named Wan config (+ overrides) or a converted / save_pretrained folder."""
+    from m4v.models import M4VWanTransformer, wan_named_config
+
+    if cfg.pretrained:
+        model = M4VWanTransformer.from_pretrained(wan_transformer_folder(cfg.pretrained), local_files_only=True)
+        if cfg.overrides:
+            logger.warning("model.overrides are ignored when model.pretrained is set.")
+        return model.float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "model-init") % (1 << 63))
+        return M4VWanTransformer(**wan_named_config(cfg.config, **cfg.overrides))
+
 
 def build_transformer(cfg: ModelConfig, seed: int) -> Any:
     """A named config with overrides (initialised from ``seed``, identical on every rank) or a pretrained folder."""
     from m4v.models import M4VTransformer, named_config
 
+    if cfg.family == "wan":
+        return build_wan_transformer(cfg, seed)
     if cfg.pretrained:
         if not os.path.isfile(os.path.join(cfg.pretrained, "config.json")):
             raise ValueError(f"model.pretrained: {cfg.pretrained} is not a save_pretrained folder (no config.json).")
+        if _config_class(cfg.pretrained) == WAN_CLASS:
+            raise ValueError(f"model.pretrained: {cfg.pretrained} holds an {WAN_CLASS}; set model.family: wan.")
         model = M4VTransformer.from_pretrained(cfg.pretrained, local_files_only=True)
         if cfg.overrides:
             logger.warning("model.overrides are ignored when model.pretrained is set.")
@@ -31,14 +76,34 @@ def build_transformer(cfg: ModelConfig, seed: int) -> Any:
 
 
 def load_vae(spec: str, seed: int = 0) -> Any:
-    """A named VAE config (random weights: smoke runs only) or a ``VideoVAE.save_pretrained`` folder."""
-    from m4v.models.vae import VAE_CONFIGS, VideoVAE, build_video_vae
+    """A named VAE config (random weights: smoke runs only) or a ``VideoVAE.save_pretrained`` folder.
 
+    Wan VAEs (``wan-tiny`` or an AutoencoderKLWan folder / model folder with ``vae/``) give a
+    :class:`~m4v.training.wan_objective.WanLatentVAE` (4x time; the wan family, Sec. 4.1).
+    """
+    from m4v.models.vae import VAE_CONFIGS, VideoVAE, build_video_vae
+    from m4v.training.wan_objective import is_wan_vae_spec, load_wan_vae
+
+    if is_wan_vae_spec(spec):
+        return load_wan_vae(spec, seed)
     if spec in VAE_CONFIGS:
         logger.warning("vae: %r is a randomly initialised VAE (for tests and smoke runs, not real training).", spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "vae-init") % (1 << 63))
             return build_video_vae(spec)
     if not os.path.isdir(spec):
-        raise ValueError(f"vae: {spec!r} is neither a named VAE config ({', '.join(VAE_CONFIGS)}) nor a folder.")
+        raise ValueError(
+            f"vae: {spec!r} is neither a named VAE config ({', '.join(VAE_CONFIGS)}, wan-tiny) nor a folder."
+        )
     return VideoVAE.from_pretrained(spec)
+
+
+def load_family_text_encoder(spec: Any, family: str = "pyramidflow") -> Any:
+    """The config's text encoder; the wan family also takes Wan's ``{umt5: DIR, tokenizer: DIR, max_length: N}``."""
+    from m4v.training.text import load_text_encoder_spec
+
+    if family == "wan" and isinstance(spec, dict) and "umt5" in spec:
+        from m4v.pipelines.pipeline_wan import load_wan_text_encoder
+
+        return load_wan_text_encoder(spec)
+    return load_text_encoder_spec(spec)

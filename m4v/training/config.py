@@ -21,12 +21,22 @@ SCHEDULES = ("constant", "cosine")
 CORRUPTIONS = ("linear", "constant", "none")
 # Latent grid divisibility: 8x VAE, 2 pyramid halvings, patch 2 => pixels divisible by 8 * 4 * 2.
 PIXEL_MULTIPLE = 64
+FAMILIES = ("pyramidflow", "wan")
+# M4V (Wan2.1), Sec. 4.1: Wan's VAE (8x space, 4x time) and patch 2, no pyramid => pixels divisible by 16.
+WAN_PIXEL_MULTIPLE = 16
+WAN_TEMPORAL = 4
+PYRAMID_TEMPORAL = 8
 
 
 @dataclass
 class ModelConfig:
-    """Which transformer to train: a named config (+ overrides) or a ``save_pretrained`` folder."""
+    """Which transformer to train: a named config (+ overrides) or a ``save_pretrained`` folder.
 
+    ``family``: ``pyramidflow`` (M4VTransformer, pyramidal flow matching) or ``wan`` (M4VWanTransformer,
+    full-sequence flow matching on the whole video latent, paper Sec. 4.1).
+    """
+
+    family: str = "pyramidflow"
     config: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
@@ -65,6 +75,7 @@ class ObjectiveConfig:
     corruption_eta: float = 1.0 / 3.0
     text_dropout: float = 0.1
     scheduler: dict[str, Any] = field(default_factory=dict)
+    shift: float | None = None  # wan family only: Wan's sigma shift (null: 3.0 up to 832x480 pixels, else 5.0)
 
 
 @dataclass
@@ -290,18 +301,28 @@ def _positive(value: float, where: str) -> None:
         raise ValueError(f"{where}: must be positive, got {value}.")
 
 
-def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None) -> None:
-    """Check one stage; pixel sizes must be multiples of 64 (8x VAE, two pyramid halvings, patch 2)."""
+def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None, family: str = "pyramidflow") -> None:
+    """Check one stage; pixel sizes must be multiples of 64 (8x VAE, two pyramid halvings, patch 2).
+
+    For the wan family (Sec. 4.1): multiples of 16 (8x VAE, patch 2), 1 + 4k frames, no frame window.
+    """
     _positive(s.steps, f"{where}.steps")
+    wan = family == "wan"
+    multiple = WAN_PIXEL_MULTIPLE if wan else PIXEL_MULTIPLE
+    why = "8x Wan VAE and patch 2" if wan else "8x VAE, two pyramid halvings and patch 2"
     for name in ("height", "width"):
         v = getattr(s, name)
-        if v < PIXEL_MULTIPLE or v % PIXEL_MULTIPLE:
-            raise ValueError(
-                f"{where}.{name}: must be a positive multiple of {PIXEL_MULTIPLE} (8x VAE, two pyramid "
-                f"halvings and patch 2), got {v}."
-            )
-    if s.num_frames < 1 or (s.num_frames - 1) % 8:
-        raise ValueError(f"{where}.num_frames: must be 1 + 8k (1, 9, 17, ..., 121), got {s.num_frames}.")
+        if v < multiple or v % multiple:
+            raise ValueError(f"{where}.{name}: must be a positive multiple of {multiple} ({why}), got {v}.")
+    t = WAN_TEMPORAL if wan else PYRAMID_TEMPORAL
+    if s.num_frames < 1 or (s.num_frames - 1) % t:
+        examples = "1, 5, 9, ..., 81" if wan else "1, 9, 17, ..., 121"
+        raise ValueError(f"{where}.num_frames: must be 1 + {t}k ({examples}), got {s.num_frames}.")
+    if wan and s.frame_window is not None:
+        raise ValueError(
+            f"{where}.frame_window: is a pyramidflow option (autoregressive frames); the wan family trains "
+            "the whole video latent, so leave it out."
+        )
     if s.image_ratio is None:  # default: a one-frame stage is text-to-image, a longer one text-to-video
         s.image_ratio = 1.0 if s.num_frames == 1 else 0.0
     if not 0.0 <= s.image_ratio <= 1.0:
@@ -317,16 +338,81 @@ def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None) -> N
         raise ValueError(f"{where}.warmup_steps: must be >= 0, got {s.warmup_steps}.")
     if s.frame_window is not None and s.frame_window < 1:
         raise ValueError(f"{where}.frame_window: must be >= 1, got {s.frame_window}.")
+    if s.reward and wan:
+        raise ValueError(f"{where}.reward: reward learning is not supported for the wan family yet; set it to false.")
     if s.reward and reward is None:
         raise ValueError(f"{where}.reward: the stage asks for reward learning but the config has no 'reward' section.")
+
+
+# Objective fields that only the pyramidal objective reads (Sec. 3.1, A.3).
+PYRAMID_OBJECTIVE_FIELDS = ("stage_weights", "corruption", "corruption_eta", "scheduler")
+
+
+def temporal_compression(cfg: TrainConfig) -> int:
+    """Pixel frames per latent frame of the family's VAE: 8 (PyramidFlow's VAE) or 4 (Wan's)."""
+    return WAN_TEMPORAL if cfg.model.family == "wan" else PYRAMID_TEMPORAL
+
+
+def validate_family(cfg: TrainConfig) -> None:
+    """``model.family`` and the options that belong to one family only (wan: paper Sec. 4.1)."""
+    from m4v.models.wan_configs import WAN_NAMED_CONFIGS
+
+    m = cfg.model
+    if m.family not in FAMILIES:
+        raise ValueError(f"model.family: must be one of {', '.join(FAMILIES)}, got {m.family!r}.")
+    if m.family != "wan":
+        if m.pretrained is None and m.config in WAN_NAMED_CONFIGS:
+            raise ValueError(f"model.family: {m.config!r} is a Wan config; set model.family: wan.")
+        if cfg.objective.shift is not None:
+            raise ValueError("objective.shift: is a wan-family option (Wan's sigma shift); leave it out.")
+        return
+    if m.pretrained is None and m.config not in WAN_NAMED_CONFIGS:
+        raise ValueError(
+            f"model.config: {m.config!r} is not a Wan config; choose one of {', '.join(WAN_NAMED_CONFIGS)} "
+            "(or give model.pretrained)."
+        )
+    default = ObjectiveConfig()
+    for name in PYRAMID_OBJECTIVE_FIELDS:
+        if getattr(cfg.objective, name) != getattr(default, name):
+            raise ValueError(
+                f"objective.{name}: is a pyramidflow option (pyramidal flow matching); the wan family trains "
+                "the whole video latent with one flow-matching loss, so leave it out."
+            )
+    if cfg.objective.shift is not None and not cfg.objective.shift > 0:
+        raise ValueError(f"objective.shift: must be positive, got {cfg.objective.shift}.")
+    if cfg.reward is not None:
+        raise ValueError("reward: reward learning is not supported for the wan family yet; remove the section.")
+    from m4v.models.vae import VAE_CONFIGS
+
+    if cfg.vae in VAE_CONFIGS:
+        raise ValueError(
+            f"vae: {cfg.vae!r} is a pyramidflow VAE (8x time); the wan family needs 'wan-tiny' or an "
+            "AutoencoderKLWan folder (e.g. the vae/ of 'm4v convert --from-wan')."
+        )
+
+
+def _check_wan_folder_frames(cfg: TrainConfig) -> None:
+    """Video folders (``m4v.data.VideoTextDataset``) read 1 + 8k frames, so Wan stages on them need 1 + 8k."""
+    source = cfg.data.source
+    if source == "moving_shapes" or (Path(source) / "index.json").is_file():
+        return
+    for i, s in enumerate(cfg.stages):
+        if (s.num_frames - 1) % PYRAMID_TEMPORAL:
+            raise ValueError(
+                f"stages[{i}].num_frames: video folders are read as 1 + 8k frames; use 1 + 8k (e.g. 17, 33 "
+                f"or 81) with data.source {source!r}, got {s.num_frames}."
+            )
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; returns ``cfg``."""
     if not cfg.stages:
         raise ValueError("stages: give at least one training stage.")
+    validate_family(cfg)
     for i, s in enumerate(cfg.stages):
-        validate_stage(s, f"stages[{i}]", cfg.reward)
+        validate_stage(s, f"stages[{i}]", cfg.reward, cfg.model.family)
+    if cfg.model.family == "wan":
+        _check_wan_folder_frames(cfg)
     o = cfg.objective
     if len(o.stage_weights) != int(cfg.objective.scheduler.get("num_stages", 3)):
         raise ValueError(f"objective.stage_weights: need one weight per pyramid stage, got {o.stage_weights}.")

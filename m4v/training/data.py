@@ -12,6 +12,9 @@ Sources (``data.source``):
   images, or the first frame of its videos when it has none); bad items are skipped and counted;
 * a folder written by ``m4v prepare``: VAE latents and text features read from safetensors shards
   (image batches use image items, or latent frame 0 of videos: the causal VAE encodes it alone).
+
+For the wan family (``model.family: wan``, Sec. 4.1) a plan loads the whole clip (Wan's VAE: 1 + 4k
+frames -> 1 + k latents) and has no frame index or pyramid stage to draw.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from m4v.training.config import DataConfig, StageConfig, TrainConfig
+from m4v.training.config import DataConfig, StageConfig, TrainConfig, temporal_compression
 from m4v.training.objective import choose_frame, choose_stage
 from m4v.training.seeding import derive_seed, uniform
 
 SHARD_FORMAT = "m4v-latent-shards"
 
 
-def num_latent_frames(num_frames: int) -> int:
-    """1 + 8k video frames -> 1 + k latent frames."""
-    return (num_frames - 1) // 8 + 1
+def num_latent_frames(num_frames: int, temporal: int = 8) -> int:
+    """1 + 8k video frames -> 1 + k latent frames (1 + 4k -> 1 + k through Wan's VAE: ``temporal=4``)."""
+    return (num_frames - 1) // temporal + 1
 
 
 def geometry_name(height: int, width: int, num_frames: int) -> str:
@@ -76,6 +79,8 @@ class Planner:
         self.pools = pools
         self.accum = cfg.train.grad_accum
         self.world = world_size
+        self.whole_video = cfg.model.family == "wan"  # Sec. 4.1: no frame index, no pyramid stage
+        self.temporal = temporal_compression(cfg)
         self._image_counts: dict[int, np.ndarray] = {}
         self._perms: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._pool_cache: dict[int, tuple[list[int], list[int]]] = {}
@@ -144,13 +149,16 @@ class Planner:
         for c in range(before * batch, before * batch + batch):
             epoch, pos = divmod(c, len(pool))
             items.append(pool[int(self._perm(index, kind, epoch, len(pool))[pos])])
-        T = 1 if image else num_latent_frames(stage.num_frames)
+        T = 1 if image else num_latent_frames(stage.num_frames, self.temporal)
         reward = bool(stage.reward)
         window = stage.frame_window
         if reward and cfg.reward is not None:
             window = cfg.reward.frame_window
-        frame = 0 if image else choose_frame(uniform(cfg.seed, "frame", micro_step), T, window)
-        pyr = choose_stage(uniform(cfg.seed, "pyramid", micro_step), cfg.objective.stage_weights)
+        if self.whole_video:  # the wan family trains every latent frame at once
+            frame, pyr = T - 1, 0
+        else:
+            frame = 0 if image else choose_frame(uniform(cfg.seed, "frame", micro_step), T, window)
+            pyr = choose_stage(uniform(cfg.seed, "pyramid", micro_step), cfg.objective.stage_weights)
         return StepPlan(micro_step, step, index, kind, batch, frame + 1, frame, pyr, reward, tuple(items))
 
 
@@ -159,6 +167,7 @@ class MovingShapesSource:
     """Moving Shapes clips at a stage's geometry (one-frame clips for image batches)."""
 
     latent = False
+    temporal = 8  # pixel frames per latent frame (4 for the wan family)
 
     def __init__(self, data: DataConfig, stage: StageConfig) -> None:
         from m4v.data import MovingShapes
@@ -176,7 +185,7 @@ class MovingShapesSource:
     def load(self, kind: str, item: int, latent_frames: int) -> dict[str, Any]:
         ds = self.image if kind == "image" else self.video
         x = ds[item]
-        return {"video": x["video"][:, : 1 + 8 * (latent_frames - 1)], "caption": x["caption"]}
+        return {"video": x["video"][:, : 1 + self.temporal * (latent_frames - 1)], "caption": x["caption"]}
 
     def lazy_skips(self) -> Counter[str]:
         return Counter()
@@ -186,6 +195,7 @@ class VideoFolderSource:
     """A folder / CSV / JSONL of videos and images through ``VideoTextDataset`` (bad items skipped, counted)."""
 
     latent = False
+    temporal = 8  # pixel frames per latent frame (4 for the wan family)
 
     def __init__(self, data: DataConfig, stage: StageConfig) -> None:
         from m4v.data import VideoTextDataset
@@ -208,7 +218,7 @@ class VideoFolderSource:
         ds = self.image if kind == "image" else self.video
         assert ds is not None
         x = ds[item]
-        return {"video": x["video"][:, : 1 + 8 * (latent_frames - 1)], "caption": x["caption"]}
+        return {"video": x["video"][:, : 1 + self.temporal * (latent_frames - 1)], "caption": x["caption"]}
 
     def lazy_skips(self) -> Counter[str]:
         out = self.video.skipped - self.construction_skips
@@ -297,12 +307,15 @@ def is_shard_folder(source: str) -> bool:
     return (Path(source) / "index.json").is_file() and Path(source).is_dir()
 
 
-def make_source(data: DataConfig, stage: StageConfig) -> Any:
+def make_source(data: DataConfig, stage: StageConfig, temporal: int = 8) -> Any:
     if data.source == "moving_shapes":
-        return MovingShapesSource(data, stage)
-    if is_shard_folder(data.source):
+        src: Any = MovingShapesSource(data, stage)
+    elif is_shard_folder(data.source):
         return ShardSource(data, stage)
-    return VideoFolderSource(data, stage)
+    else:
+        src = VideoFolderSource(data, stage)
+    src.temporal = temporal
+    return src
 
 
 class SourceSet:
@@ -314,7 +327,7 @@ class SourceSet:
 
     def get(self, index: int) -> Any:
         if index not in self._sources:
-            self._sources[index] = make_source(self.cfg.data, self.cfg.stages[index])
+            self._sources[index] = make_source(self.cfg.data, self.cfg.stages[index], temporal_compression(self.cfg))
         return self._sources[index]
 
     def pools(self, index: int) -> tuple[list[int], list[int]]:

@@ -5,6 +5,10 @@ train --config C.yaml``) with FSDP2 (``fully_shard`` per block, then the root; g
 GPU). fp32 master weights with bf16 autocast (``train.precision``), gradient clipping, AdamW, EMA,
 optional gradient checkpointing and torch.compile, CSV/TensorBoard logs, a rank-0 progress bar, and
 DCP checkpoints that resume exactly (every random draw is a function of the seed and the step).
+
+``model.family: wan`` trains M4V (Wan2.1) instead (Sec. 4.1): M4VWanTransformer, whole-video latents
+from Wan's VAE and the full-sequence flow-matching loss (:mod:`m4v.training.wan_objective`), with the
+same sharding (``fully_shard`` per Wan block), EMA, checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import warnings
 from collections import Counter
@@ -26,7 +31,7 @@ from tqdm.auto import tqdm
 from m4v.models.text_encoders import TextEmbeddings
 from m4v.schedulers import PyramidFlowMatchScheduler
 from m4v.training.checkpoint import checkpoint_path, load_checkpoint, resolve_resume, save_checkpoint
-from m4v.training.components import build_transformer, load_vae
+from m4v.training.components import build_transformer, load_family_text_encoder, load_vae
 from m4v.training.config import TrainConfig
 from m4v.training.data import Planner, ShardIndex, SourceSet, StepPlan, StepStream, is_shard_folder, make_loader
 from m4v.training.distributed import DistInfo, barrier, init_distributed, shard_model
@@ -35,7 +40,8 @@ from m4v.training.metrics import MetricsWriter, RunningMean
 from m4v.training.objective import PyramidFlowObjective, token_count
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import generator
-from m4v.training.text import encode_null, load_text_encoder_spec, stack_text, text_to
+from m4v.training.text import encode_null, stack_text, text_to
+from m4v.training.wan_objective import WanFlowObjective, wan_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +85,23 @@ class Trainer:
         self.planner = Planner(cfg, self.sources.pools, self.info.world)
         self.planner.prime()
         self.latent_data = is_shard_folder(cfg.data.source)
+        self.wan = cfg.model.family == "wan"
 
         # model, optimizer, EMA
         model = build_transformer(cfg.model, cfg.seed).to(self.device)
         exempt = no_decay_names(model)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        if self.info.distributed:
+        if self.info.distributed and self.wan:
+            shard_blocks(model, list(model.blocks), self.info, cfg.train.fsdp_reshard_after_forward)
+        elif self.info.distributed:
             shard_model(model, self.info, cfg.train.fsdp_reshard_after_forward)
         if cfg.train.compile:
-            for block in [*model.dual_blocks, *model.single_blocks]:
+            for block in model.blocks if self.wan else [*model.dual_blocks, *model.single_blocks]:
                 block.compile()
         self.model = model
         self.model.train()
-        self.patch = int(model.config.patch_size)
+        self.patch: Any = tuple(model.config.patch_size) if self.wan else int(model.config.patch_size)
         self.optimizer = build_optimizer(model, cfg, exempt)
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
 
@@ -111,14 +120,20 @@ class Trainer:
             mask = torch.ones(1, tok.shape[0], dtype=torch.bool)
             self.null_text = text_to(TextEmbeddings(tok[None], mask, pooled[None]), self.device, torch.float32)
         else:
-            self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder_spec(cfg.text_encoder)
+            self.text_encoder = text_encoder
+            if self.text_encoder is None:
+                self.text_encoder = load_family_text_encoder(cfg.text_encoder, cfg.model.family)
             self.text_encoder.to(self.device)
             self.null_text = text_to(encode_null(self.text_encoder), self.device, torch.float32)
         self._check_dims(model)
 
-        scheduler = PyramidFlowMatchScheduler(**cfg.objective.scheduler)
         o = cfg.objective
-        self.objective = PyramidFlowObjective(scheduler, o.corruption, o.corruption_eta, o.text_dropout)
+        self.objective: Any
+        if self.wan:
+            self.objective = WanFlowObjective(o.text_dropout, int(model.config.text_len))
+        else:
+            scheduler = PyramidFlowMatchScheduler(**cfg.objective.scheduler)
+            self.objective = PyramidFlowObjective(scheduler, o.corruption, o.corruption_eta, o.text_dropout)
         self.reward = None
         if needs_reward:
             from m4v.training.reward import RewardLearner
@@ -155,7 +170,22 @@ class Trainer:
     def _check_dims(self, model: Any) -> None:
         c = model.config
         what = "the prepared shards" if self.latent_data else "text_encoder"
-        if self.null_text.token_states.shape[-1] != c.text_dim or self.null_text.pooled.shape[-1] != c.pooled_dim:
+        if self.vae is not None:
+            want = 4 if self.wan else 8
+            got = int(getattr(self.vae, "temporal_compression", 8))
+            if got != want:
+                raise ValueError(
+                    f"vae: compresses time {got}x but the {self.cfg.model.family} family needs a {want}x VAE "
+                    f"({'wan-tiny or an AutoencoderKLWan folder' if self.wan else 'a VideoVAE'})."
+                )
+        if self.wan and self.null_text.token_states.shape[-1] != c.text_dim:
+            raise ValueError(
+                f"{what}: gives {self.null_text.token_states.shape[-1]}-d token states but the model expects "
+                f"text_dim={c.text_dim}."
+            )
+        if not self.wan and (
+            self.null_text.token_states.shape[-1] != c.text_dim or self.null_text.pooled.shape[-1] != c.pooled_dim
+        ):
             raise ValueError(
                 f"{what}: gives {self.null_text.token_states.shape[-1]}-d token states and "
                 f"{self.null_text.pooled.shape[-1]}-d pooled vectors but the model expects text_dim={c.text_dim} "
@@ -195,9 +225,13 @@ class Trainer:
         if self._eval_stream is None:
             self._eval_stream = StepStream(self.cfg, self.planner, self.info.rank, self.info.world, 0, 0)
         stream = self._eval_stream
-        objective = PyramidFlowObjective(
-            self.objective.scheduler, self.objective.corruption, self.objective.corruption_eta, 0.0
-        )
+        objective: Any
+        if self.wan:
+            objective = WanFlowObjective(0.0, self.objective.text_len)
+        else:
+            objective = PyramidFlowObjective(
+                self.objective.scheduler, self.objective.corruption, self.objective.corruption_eta, 0.0
+            )
         backup = None
         if use_ema and self.ema is not None:
             backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -213,7 +247,10 @@ class Trainer:
                 latents, text = self._inputs(stream.batch(int(micro)), plan)
                 keys = plan.sample_keys(self.info.rank, self.info.world)
                 gens = [generator(self.cfg.seed, "eval", m, j) for m, j in keys]
-                inputs = objective.prepare(latents, plan.frame_index, plan.pyramid_stage, text, None, gens)
+                if self.wan:
+                    inputs = objective.prepare(latents, text, None, gens, self._wan_shift(plan))
+                else:
+                    inputs = objective.prepare(latents, plan.frame_index, plan.pyramid_stage, text, None, gens)
                 with self._autocast():
                     total = total + objective.loss(self.model, inputs).loss.float()
                 count += 1
@@ -227,7 +264,31 @@ class Trainer:
 
         return float(all_reduce_mean(total / max(count, 1), self.info))
 
+    def _wan_shift(self, plan: StepPlan) -> float:
+        """Wan's sigma shift: ``objective.shift``, else Wan's value for the stage size (3.0 up to 832x480, else 5.0)."""
+        from m4v.pipelines.pipeline_wan import wan_default_shift
+
+        if self.cfg.objective.shift is not None:
+            return float(self.cfg.objective.shift)
+        stage = self.cfg.stages[plan.stage_index]
+        return wan_default_shift(stage.height, stage.width)
+
+    def _wan_micro_step(self, batch: dict[str, Any], plan: StepPlan) -> dict[str, Any]:
+        """Full-sequence flow matching on the whole video latent (Sec. 4.1); no reward term."""
+        latents, text = self._inputs(batch, plan)
+        keys = plan.sample_keys(self.info.rank, self.info.world)
+        gens = [generator(self.cfg.seed, "sample", m, j) for m, j in keys]
+        inputs = self.objective.prepare(latents, text, self.null_text, gens, self._wan_shift(plan))
+        with self._autocast():
+            out = self.objective.loss(self.model, inputs)
+        (out.loss / self.accum).backward()
+        tokens = plan.batch_size * wan_token_count(latents.shape, inputs.text.token_states.shape[1], self.patch)
+        flow = out.loss.detach().float()
+        return {"flow": flow, "reward": torch.zeros_like(flow), "total": flow, "tokens": tokens, "stats": {}}
+
     def _micro_step(self, batch: dict[str, Any], plan: StepPlan) -> dict[str, Any]:
+        if self.wan:
+            return self._wan_micro_step(batch, plan)
         latents, text = self._inputs(batch, plan)
         keys = plan.sample_keys(self.info.rank, self.info.world)
         gens = [generator(self.cfg.seed, "sample", m, j) for m, j in keys]
@@ -437,8 +498,56 @@ class Trainer:
             save_pretrained_state(self.model, full, folder / "transformer")
             if ema is not None:
                 save_pretrained_state(self.model, {**full, **ema}, folder / "transformer_ema")
+            if self.wan and self.vae is not None:
+                self._export_wan_pipeline(folder)
         barrier(self.info)
         return folder
+
+    def _export_wan_pipeline(self, folder: Path) -> None:
+        """Make ``folder`` an M4VWanPipeline directory: vae/, scheduler/ and model_index.json beside transformer/."""
+        import copy
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from m4v.pipelines.pipeline_wan import write_model_index
+
+        vae = self.vae.model
+        if vae.dtype != torch.float32:
+            vae = copy.deepcopy(vae).float()
+        vae.save_pretrained(folder / "vae")
+        shift = self.cfg.objective.shift
+        FlowMatchEulerDiscreteScheduler(shift=shift or 5.0).save_pretrained(folder / "scheduler")
+        spec = wan_text_encoder_spec(self.cfg.text_encoder, self.text_encoder)
+        if spec is None:
+            logger.warning("export: the text encoder cannot be named in model_index.json; %s holds transformer/, "
+                           "vae/ and scheduler/ only (pass text_encoder= to M4VWanPipeline.from_pretrained "
+                           "after writing one).", folder)
+            return
+        last = self.cfg.stages[-1]
+        write_model_index(folder, spec, (last.height, last.width), last.num_frames, shift)
+
+
+def shard_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module], info: DistInfo, reshard: bool) -> None:
+    """FSDP2: ``fully_shard`` every block (e.g. each Wan block), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+
+def wan_text_encoder_spec(spec: Any, encoder: Any) -> Any:
+    """The model_index.json text-encoder entry that reloads ``encoder`` (MiniLM or UMT5), or None (stand-ins)."""
+    own = getattr(encoder, "spec", None)
+    if own is not None:  # UMT5TextEncoder: absolute folders
+        return dict(own)
+    if spec == "minilm":
+        return "minilm"
+    if isinstance(spec, dict) and set(spec) <= {"minilm", "max_length"} and "minilm" in spec:
+        return {k: (os.path.abspath(v) if k == "minilm" else v) for k, v in spec.items()}
+    return None
 
 
 def save_pretrained_state(model: Any, state: dict[str, torch.Tensor], folder: str | Path) -> None:
