@@ -172,4 +172,9 @@ def test_shipped_configs_are_valid(path):
     assert cfg.total_steps > 0
     if cfg.model.pretrained is None:  # the model config builds (on the meta device: no memory)
         with torch.device("meta"):
-            M4VTransformer(**named_config(cfg.model.config, **cfg.model.overrides))
+            if cfg.model.family == "wan":
+                from m4v.models import M4VWanTransformer, wan_named_config
+
+                M4VWanTransformer(**wan_named_config(cfg.model.config, **cfg.model.overrides))
+            else:
+                M4VTransformer(**named_config(cfg.model.config, **cfg.model.overrides))

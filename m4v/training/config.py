@@ -348,9 +348,14 @@ def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None, fami
 PYRAMID_OBJECTIVE_FIELDS = ("stage_weights", "corruption", "corruption_eta", "scheduler")
 
 
-def temporal_compression(cfg: TrainConfig) -> int:
+def model_family(cfg: Any) -> str:
+    """``cfg.model.family``; configs without a transformer (``m4v train-vae``) are pyramidflow."""
+    return getattr(getattr(cfg, "model", None), "family", "pyramidflow")
+
+
+def temporal_compression(cfg: Any) -> int:
     """Pixel frames per latent frame of the family's VAE: 8 (PyramidFlow's VAE) or 4 (Wan's)."""
-    return WAN_TEMPORAL if cfg.model.family == "wan" else PYRAMID_TEMPORAL
+    return WAN_TEMPORAL if model_family(cfg) == "wan" else PYRAMID_TEMPORAL
 
 
 def validate_family(cfg: TrainConfig) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from m4v.training.config import DataConfig, StageConfig, TrainConfig, temporal_compression
+from m4v.training.config import DataConfig, StageConfig, TrainConfig, model_family, temporal_compression
 from m4v.training.objective import choose_frame, choose_stage
 from m4v.training.seeding import derive_seed, uniform
 
@@ -79,7 +79,7 @@ class Planner:
         self.pools = pools
         self.accum = cfg.train.grad_accum
         self.world = world_size
-        self.whole_video = cfg.model.family == "wan"  # Sec. 4.1: no frame index, no pyramid stage
+        self.whole_video = model_family(cfg) == "wan"  # Sec. 4.1: no frame index, no pyramid stage
         self.temporal = temporal_compression(cfg)
         self._image_counts: dict[int, np.ndarray] = {}
         self._perms: OrderedDict[tuple, np.ndarray] = OrderedDict()
