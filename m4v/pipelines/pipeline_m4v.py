@@ -23,10 +23,9 @@ from diffusers.utils import BaseOutput
 from m4v.models.text_encoders import TextEmbeddings, TextEncoder, load_text_encoder
 from m4v.models.transformer import M4VTransformer
 from m4v.models.vae import VideoVAE
+from m4v.pipelines.model_dir import MODEL_INDEX, load_model_dir
 from m4v.schedulers import PyramidFlowMatchScheduler, temporal_pyramid_history
 from m4v.schedulers.pyramid import _rand
-
-MODEL_INDEX = "model_index.json"
 
 
 @dataclass
@@ -105,19 +104,12 @@ class M4VPipeline(DiffusionPipeline):
     ) -> M4VPipeline:
         """Load a directory written by ``save_pretrained``; nothing is downloaded."""
         root = os.fspath(pretrained_model_name_or_path)
-        index_path = os.path.join(root, MODEL_INDEX)
-        if not os.path.isdir(root):
-            raise ValueError(f"model directory {root!r} does not exist")
-        if not os.path.isfile(index_path):
-            raise ValueError(f"model directory {root!r} has no {MODEL_INDEX}; it is not an M4V model")
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-            transformer = M4VTransformer.from_pretrained(os.path.join(root, "transformer"), local_files_only=True)
-            vae = VideoVAE.from_pretrained(os.path.join(root, "vae"))
-            scheduler = PyramidFlowMatchScheduler.from_pretrained(os.path.join(root, "scheduler"))
-        except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as e:
-            raise ValueError(f"model directory {root!r} is corrupt or incomplete: {str(e).splitlines()[0]}") from None
+        index, parts = load_model_dir(root, {
+            "transformer": lambda d: M4VTransformer.from_pretrained(d, local_files_only=True),
+            "vae": VideoVAE.from_pretrained,
+            "scheduler": PyramidFlowMatchScheduler.from_pretrained,
+        })
+        transformer, vae, scheduler = parts["transformer"], parts["vae"], parts["scheduler"]
         if text_encoder is None:
             spec = index.get("text_encoder", "minilm")
             if isinstance(spec, dict):

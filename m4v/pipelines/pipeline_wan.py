@@ -36,7 +36,8 @@ from m4v.models.text_encoders import (
     load_text_encoder,
 )
 from m4v.models.wan import M4VWanTransformer
-from m4v.pipelines.pipeline_m4v import MODEL_INDEX, M4VPipelineOutput
+from m4v.pipelines.model_dir import MODEL_INDEX, load_model_dir
+from m4v.pipelines.pipeline_m4v import M4VPipelineOutput
 from m4v.schedulers.pyramid import _rand
 
 WAN_TEXT_LEN = 512
@@ -217,18 +218,12 @@ class M4VWanPipeline(DiffusionPipeline):
     ) -> M4VWanPipeline:
         """Load a directory written by ``save_pretrained`` or ``convert_from_wan``; nothing is downloaded."""
         root = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(root):
-            raise ValueError(f"model directory {root!r} does not exist")
-        if not os.path.isfile(os.path.join(root, MODEL_INDEX)):
-            raise ValueError(f"model directory {root!r} has no {MODEL_INDEX}; it is not an M4V (Wan2.1) model")
-        try:
-            with open(os.path.join(root, MODEL_INDEX)) as f:
-                index = json.load(f)
-            transformer = M4VWanTransformer.from_pretrained(os.path.join(root, "transformer"), local_files_only=True)
-            vae = AutoencoderKLWan.from_pretrained(os.path.join(root, "vae"), local_files_only=True)
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(root, "scheduler"))
-        except (OSError, json.JSONDecodeError, KeyError, RuntimeError) as e:
-            raise ValueError(f"model directory {root!r} is corrupt or incomplete: {str(e).splitlines()[0]}") from None
+        index, parts = load_model_dir(root, {
+            "transformer": lambda d: M4VWanTransformer.from_pretrained(d, local_files_only=True),
+            "vae": lambda d: AutoencoderKLWan.from_pretrained(d, local_files_only=True),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
+        }, kind="M4V (Wan2.1)")
+        transformer, vae, scheduler = parts["transformer"], parts["vae"], parts["scheduler"]
         if index.get("_class_name") not in (PIPELINE_CLASS, None):
             raise ValueError(f"model directory {root!r} holds a {index['_class_name']}, not an M4V (Wan2.1) model")
         if text_encoder is None:
