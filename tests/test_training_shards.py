@@ -57,6 +57,7 @@ def test_prepare_moving_shapes_and_train_from_shards(tmp_path, capsys):
     assert set(top["geometries"]) == {"64x64x1", "64x64x9"} and top["vae"] == "tiny"
     index = json.loads((out / "64x64x9" / "index.json").read_text())
     assert [it["index"] for it in index["items"]] == list(range(5))
+    assert index["num_latent_frames"] == 2  # 9 frames through the 8x VAE
     assert len({it["shard"] for it in index["items"]}) == 2  # shard size 3
     # independent check: the stored latents are the VAE posterior means of the rendered clips
     vae, enc = load_vae("tiny"), HashTextEncoder(dim=384)

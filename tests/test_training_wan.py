@@ -243,6 +243,7 @@ def test_prepared_wan_shards_train_like_pixels(tmp_path, minilm):
             {"vae": "wan-tiny", "text_encoder": "minilm"}, dtype="float32", progress=False)
     index = json.loads((tmp_path / "shards" / "32x32x9" / "index.json").read_text())
     assert {it["frames"] for it in index["items"]} == {3}  # 9 frames -> 1 + 2 latent frames
+    assert index["num_latent_frames"] == 3  # recorded from the encoded latents, not an 8x rule
     fly = [r["loss"] for r in Trainer(cfg, text_encoder=minilm).train()]
     shards = wan_config(tmp_path / "sh", stages=video, data={"source": str(tmp_path / "shards")})
     trainer = Trainer(shards)

@@ -163,7 +163,9 @@ def merge_geometry(folder: Path, world: int, height: int, width: int, num_frames
         (folder / f"items-r{r}.json").unlink()
     items.sort(key=lambda it: it["index"])
     index = dict(
-        height=height, width=width, num_frames=num_frames, num_latent_frames=(num_frames - 1) // 8 + 1,
+        height=height, width=width, num_frames=num_frames,
+        # as encoded (8x for the PyramidFlow VAE, 4x for Wan's), not derived from one compression factor
+        num_latent_frames=max((int(it["frames"]) for it in items), default=0),
         dtype=dtype, items=items, skipped=dict(skipped),
     )
     (folder / "index.json").write_text(json.dumps(index, indent=1))
