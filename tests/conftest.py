@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import pytest
 import torch
 
 from m4v.models import M4VTransformer, named_config
@@ -18,3 +19,20 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
 def tiny_model(**overrides) -> M4VTransformer:
     torch.manual_seed(0)
     return randomize_(M4VTransformer(**named_config("tiny", **overrides)))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (the 2-core CI machine runs the training tests faster this way)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run an ``m4v`` subcommand through the real parser; errors raise (``m4v.cli.main`` maps them to exit 2)."""
+    from m4v.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)

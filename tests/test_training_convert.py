@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
+from conftest import run_cli
 
 from m4v.models import M4VTransformer, named_config
 from m4v.models.layouts import block_mixers
-from m4v.training.cli import register
 from m4v.training.convert import convert_attention_model, mamba_slices
 from m4v.training.testing import tiny_config
 from m4v.training.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _attention_model(seed: int = 1) -> M4VTransformer:
@@ -105,17 +97,12 @@ def test_errors_are_clear():
         convert_attention_model(mamba_model, "full_temp")
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="m4v")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def test_cli_convert_then_train(tmp_path, capsys):
     src = _attention_model()
     src.save_pretrained(tmp_path / "attn")
-    assert _cli(["convert", "--from-attention", str(tmp_path / "attn"), "-o", str(tmp_path / "m4v"),
+    assert run_cli(["convert", "--from-attention", str(tmp_path / "attn"), "-o", str(tmp_path / "m4v"),
                  "--layout", "full_temp"]) == 0
     assert "freshly initialised" in capsys.readouterr().out
     converted = M4VTransformer.from_pretrained(tmp_path / "m4v")

@@ -23,12 +23,7 @@ STAGES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COMMON = dict(stages=STAGES, ema={"decay": 0.9}, optim={"lr": 2e-3, "weight_decay": 0.01})

@@ -26,13 +26,7 @@ from m4v.training.reward import (
 from m4v.training.testing import make_tiny_clip, tiny_config
 from m4v.training.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

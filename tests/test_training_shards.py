@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -11,32 +10,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from PIL import Image
 from safetensors import safe_open
 
 from m4v.data import MovingShapes
 from m4v.io.video import write_video
-from m4v.training.cli import register
 from m4v.training.components import load_vae
 from m4v.training.metrics import read_metrics
 from m4v.training.testing import tiny_config, tiny_config_dict
 from m4v.training.text import HashTextEncoder
 from m4v.training.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="m4v")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 STAGES = [
@@ -49,7 +37,7 @@ def test_prepare_moving_shapes_and_train_from_shards(tmp_path, capsys):
     d = tiny_config_dict(tmp_path / "run", stages=STAGES, data={"moving_shapes": {"num_samples": 5}})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     out = tmp_path / "shards"
-    assert _cli(["prepare", "--data", "moving_shapes", "--out", str(out), "--config", str(tmp_path / "c.yaml"),
+    assert run_cli(["prepare", "--data", "moving_shapes", "--out", str(out), "--config", str(tmp_path / "c.yaml"),
                  "--dtype", "float32", "--batch-size", "2", "--shard-size", "3"]) == 0
     printed = capsys.readouterr().out
     assert "64x64x1: 5 items, 0 skipped" in printed and "64x64x9: 5 items, 0 skipped" in printed
@@ -117,7 +105,7 @@ def test_bad_items_are_skipped_and_counted(tmp_path, caplog):
     # prepare counts every bad item once
     cfg = tiny_config_dict(tmp_path / "run", stages=[stage])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert _cli(["prepare", "--data", str(src), "--out", str(tmp_path / "sh"), "--config", str(tmp_path / "c.yaml"),
+    assert run_cli(["prepare", "--data", str(src), "--out", str(tmp_path / "sh"), "--config", str(tmp_path / "c.yaml"),
                  "--dtype", "float32"]) == 0
     geo = json.loads((tmp_path / "sh" / "64x64x9" / "index.json").read_text())
     assert geo["skipped"] == {"missing_caption": 1, "unreadable": 1, "too_few_frames": 1}

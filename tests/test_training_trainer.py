@@ -13,13 +13,7 @@ from m4v.training.testing import tiny_config
 from m4v.training.text import HashTextEncoder
 from m4v.training.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 
 from m4v.data import MovingShapes
 from m4v.models.vae import VideoVAE
-from m4v.training.cli import register
 from m4v.training.metrics import read_metrics
 from m4v.training.vae_training import VAELossConfig, VAEModelConfig, build_autoencoder, vae_loss
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="m4v")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def test_loss_matches_a_float64_reference():
@@ -72,12 +59,12 @@ def _config(tmp_path, out: str, resume: str = "none") -> str:
 
 
 def test_train_vae_resume_and_export(tmp_path):
-    assert _cli(["train-vae", "--config", _config(tmp_path, "a")]) == 0
+    assert run_cli(["train-vae", "--config", _config(tmp_path, "a")]) == 0
     straight = read_metrics(tmp_path / "a" / "vae_metrics.csv")
     assert [r["kind"] for r in straight] == ["image", "image", "video"]
     assert all(float(r["loss"]) > 0 for r in straight)
-    assert _cli(["train-vae", "--config", _config(tmp_path, "b"), "--stop-at", "2"]) == 0
-    assert _cli(["train-vae", "--config", _config(tmp_path, "b", resume="auto")]) == 0
+    assert run_cli(["train-vae", "--config", _config(tmp_path, "b"), "--stop-at", "2"]) == 0
+    assert run_cli(["train-vae", "--config", _config(tmp_path, "b", resume="auto")]) == 0
     resumed = read_metrics(tmp_path / "b" / "vae_metrics.csv")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     a = VideoVAE.from_pretrained(tmp_path / "a" / "final" / "vae")
@@ -96,6 +83,6 @@ def test_train_vae_resume_and_export(tmp_path):
 def test_bad_vae_config(tmp_path):
     path = _config(tmp_path, "c")
     with pytest.raises(ValueError, match="loss.reconstruction"):
-        _cli(["train-vae", "--config", path, "--set", "loss.reconstruction=l3"])
+        run_cli(["train-vae", "--config", path, "--set", "loss.reconstruction=l3"])
     with pytest.raises(ValueError, match="vae.config: unknown VAE config"):
-        _cli(["train-vae", "--config", path, "--set", "vae.config=huge"])
+        run_cli(["train-vae", "--config", path, "--set", "vae.config=huge"])
