@@ -78,6 +78,16 @@ def test_prepare_moving_shapes_and_train_from_shards(tmp_path, capsys):
     with pytest.raises(ValueError, match="no latents for 128x64x9"):
         Trainer(tiny_config(tmp_path / "bad", stages=bad, data={"source": str(out)}))
 
+    # decoding in 2 worker processes writes the same shards, in the same order
+    par = tmp_path / "shards2"
+    assert run_cli(["prepare", "--data", "moving_shapes", "--out", str(par), "--config", str(tmp_path / "c.yaml"),
+                    "--dtype", "float32", "--batch-size", "2", "--shard-size", "3", "--num-workers", "2"]) == 0
+    assert json.loads((par / "64x64x9" / "index.json").read_text()) == index
+    for shard in sorted({it["shard"] for it in index["items"]}):
+        with safe_open(str(out / "64x64x9" / shard), "pt") as f, safe_open(str(par / "64x64x9" / shard), "pt") as g:
+            assert sorted(f.keys()) == sorted(g.keys())
+            assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
 
 def _grey_video(path: Path, frames: int) -> None:
     rng = np.random.default_rng(frames)

@@ -152,3 +152,17 @@ def test_data_workers_do_not_change_the_run(tmp_path):
     ref = Trainer(tiny_config(tmp_path / "w0", stages=stages)).train()
     two = Trainer(tiny_config(tmp_path / "w2", stages=stages, data={"num_workers": 2})).train()
     assert [r["loss"] for r in ref] == [r["loss"] for r in two]
+
+
+def test_time_limit_stops_checkpoints_and_exports(tmp_path):
+    """--time-limit: the first step that ends past the limit is the last; checkpoint and final/ are written."""
+    stages = [dict(steps=50, height=64, width=64, num_frames=1, batch_size=2)]
+    cfg = tiny_config(tmp_path, stages=stages, checkpoint={"export_final": True, "every": 100, "keep": 1})
+    trainer = Trainer(cfg)
+    history = trainer.train(time_limit=1e-9)
+    assert len(history) == 1 and trainer.step == 1
+    assert (tmp_path / "checkpoints" / "step-00000001" / "meta.json").is_file()
+    assert (tmp_path / "final" / "transformer" / "config.json").is_file()
+    resumed = Trainer(tiny_config(tmp_path, stages=stages, checkpoint={"resume": "auto", "every": 100}))
+    assert resumed.step == 1
+    assert len(resumed.train(stop_at=3)) == 2

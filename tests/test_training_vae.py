@@ -86,3 +86,12 @@ def test_bad_vae_config(tmp_path):
         run_cli(["train-vae", "--config", path, "--set", "loss.reconstruction=l3"])
     with pytest.raises(ValueError, match="vae.config: unknown VAE config"):
         run_cli(["train-vae", "--config", path, "--set", "vae.config=huge"])
+
+
+def test_train_vae_time_limit_exports(tmp_path):
+    """--time-limit through the CLI: one step, a checkpoint and the final VideoVAE export."""
+    assert run_cli(["train-vae", "--config", _config(tmp_path, "t"), "--time-limit", "1e-9"]) == 0
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "t" / "vae_metrics.csv")] == [0]
+    assert VideoVAE.from_pretrained(tmp_path / "t" / "final" / "vae").latent_channels == 16
+    with pytest.raises(ValueError, match="--time-limit"):
+        run_cli(["train-vae", "--config", _config(tmp_path, "u"), "--time-limit", "0"])

@@ -129,7 +129,7 @@ class MiniLMTextEncoder(TextEncoder):
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (room for [CLS] and [SEP]); got {max_length}.")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
         self.max_length = min(max_length, int(self.model.config.max_position_embeddings))
         self.token_dim = self.pooled_dim = int(self.model.config.hidden_size)
         self._freeze()

@@ -27,6 +27,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--resume", help="auto (default: latest checkpoint of output_dir), none, or a checkpoint folder")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop (and checkpoint) after this many optimizer steps")
+    p.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="stop after MIN minutes of training: checkpoint and export final/ as if the schedule ended")
 
 
 def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,6 +39,8 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ov["checkpoint.resume"] = args.resume
     if args.stop_at is not None and args.stop_at < 1:
         raise ValueError(f"--stop-at: must be >= 1, got {args.stop_at}.")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit: must be > 0 minutes, got {args.time_limit}.")
     return ov
 
 
@@ -45,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from m4v.training.trainer import run_training
 
     cfg = load_config(args.config, _common_overrides(args))
-    run_training(cfg, stop_at=args.stop_at)
+    run_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
     return 0
 
 
@@ -53,7 +57,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     from m4v.training.vae_training import load_vae_config, run_vae_training
 
     cfg = load_vae_config(args.config, _common_overrides(args))
-    run_vae_training(cfg, stop_at=args.stop_at)
+    run_vae_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
     return 0
 
 
@@ -81,6 +85,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if isinstance(text_spec, str) and text_spec.startswith("{"):
         text_spec = json.loads(text_spec)
     seed = cfg.seed if cfg is not None else 0
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers: must be >= 0, got {args.num_workers}.")
     info = init_distributed(args.device)
     try:
         vae = load_vae(vae_spec, seed).to(info.device)
@@ -88,6 +94,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         totals = prepare(
             args.data, data, args.out, geometries, vae, text, {"vae": vae_spec, "text_encoder": text_spec},
             batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, seed=seed,
+            num_workers=data.num_workers if args.num_workers is None else args.num_workers,
         )
         if info.is_main:
             for name, t in totals.items():
@@ -151,6 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="items per shard file")
     p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16, float16 or float32")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, help="decoding processes (default: the config's data.num_workers, else 0)")
     p.set_defaults(func=cmd_prepare)
 
     p = subparsers.add_parser(

@@ -76,3 +76,15 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def time_is_up(deadline: float | None, info: DistInfo) -> bool:
+    """True once ``time.monotonic()`` passed ``deadline`` on any rank (collective when distributed)."""
+    if deadline is None:
+        return False
+    import time
+
+    flag = torch.tensor([float(time.monotonic() >= deadline)], device=info.device)
+    if info.distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -88,6 +88,24 @@ def _load(ds: Any, index: int) -> tuple[dict[str, Any] | None, str | None]:
         return None, e.reason
 
 
+class _Loading(torch.utils.data.Dataset):
+    """``(index, item or None, skip reason or None)`` for the given indices, in order (DataLoader workers decode)."""
+
+    def __init__(self, ds: Any, indices: Sequence[int]) -> None:
+        self.ds, self.indices = ds, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, dict[str, Any] | None, str | None]:
+        item, reason = _load(self.ds, self.indices[k])
+        return self.indices[k], item, reason
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
 @torch.no_grad()
 def prepare_geometry(
     source: str,
@@ -105,8 +123,13 @@ def prepare_geometry(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Encode one geometry; writes this rank's shards and ``items-r{rank}.json``; returns its summary."""
+    """Encode one geometry; writes this rank's shards and ``items-r{rank}.json``; returns its summary.
+
+    ``num_workers`` DataLoader processes decode (or render) the items; they are consumed in index order, so the
+    shards do not depend on it.
+    """
     folder = out / geometry_name(height, width, num_frames)
     folder.mkdir(parents=True, exist_ok=True)
     ds = _dataset(source, data, height, width, num_frames)
@@ -133,9 +156,11 @@ def prepare_geometry(
             writer.add(f"{index:08d}", z, tok.float().cpu(), pooled.float().cpu(), info)
 
     indices = range(rank, len(ds), world)
-    bar = tqdm(indices, desc=f"prepare {folder.name}", disable=not progress or rank != 0, dynamic_ncols=True)
-    for index in bar:
-        item, reason = _load(ds, index)
+    loading = torch.utils.data.DataLoader(
+        _Loading(ds, indices), batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity
+    )
+    bar = tqdm(loading, desc=f"prepare {folder.name}", disable=not progress or rank != 0, dynamic_ncols=True)
+    for index, item, reason in bar:
         if item is None:
             skipped[reason or "unknown"] += 1
             bar.set_postfix(skipped=sum(skipped.values()))
@@ -185,6 +210,7 @@ def prepare(
     dtype: str = "bfloat16",
     seed: int = 0,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Prepare every geometry; collective under torchrun (every rank must call it). Returns the top index."""
     import torch.distributed as dist
@@ -200,7 +226,8 @@ def prepare(
     totals: dict[str, Any] = {}
     for h, w, f in geometries:
         prepare_geometry(
-            source, data, out, h, w, f, vae, text_encoder, batch_size, shard_size, dtype, seed, rank, world, progress
+            source, data, out, h, w, f, vae, text_encoder, batch_size, shard_size, dtype, seed, rank, world, progress,
+            num_workers,
         )
         if distributed:
             dist.barrier()

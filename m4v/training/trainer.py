@@ -34,7 +34,7 @@ from m4v.training.checkpoint import checkpoint_path, load_checkpoint, resolve_re
 from m4v.training.components import build_transformer, load_family_text_encoder, load_vae
 from m4v.training.config import TrainConfig
 from m4v.training.data import Planner, ShardIndex, SourceSet, StepPlan, StepStream, is_shard_folder, make_loader
-from m4v.training.distributed import DistInfo, barrier, init_distributed, shard_model
+from m4v.training.distributed import DistInfo, barrier, init_distributed, shard_model, time_is_up
 from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter, RunningMean
 from m4v.training.objective import PyramidFlowObjective, token_count
@@ -354,9 +354,15 @@ class Trainer:
             self.model.set_requires_gradient_sync(flag)
 
     # ---------------------------------------------------------------------------------------- run
-    def train(self, stop_at: int | None = None) -> list[dict[str, Any]]:
-        """Run optimizer steps ``self.step .. stop_at`` (default: the end of the schedule); returns the records."""
+    def train(self, stop_at: int | None = None, time_limit: float | None = None) -> list[dict[str, Any]]:
+        """Run optimizer steps ``self.step .. stop_at`` (default: the end of the schedule); returns the records.
+
+        ``time_limit`` (minutes): stop after the first step that ends past it, checkpoint, and export
+        ``output_dir/final`` as if the schedule ended there.
+        """
         cfg, info = self.cfg, self.info
+        deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
+        timed_out = False
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
         if self.step >= end:
             return self.history
@@ -399,13 +405,16 @@ class Trainer:
                     running.update(p, loss)
                 bar.update(1)
                 bar.set_postfix_str(self._postfix(record, running), refresh=False)
-                last = self.step == end
+                timed_out = self.step < end and time_is_up(deadline, info)
+                last = self.step == end or timed_out
                 if self.step % cfg.logging.every == 0 or last:
                     skipped = sum(self._global_skips().values())  # collective: every rank takes part
                     if writer is not None:
                         writer.write(self._row(record, skipped))
                 if self.step % cfg.checkpoint.every == 0 or last:
                     self.save()
+                if timed_out:
+                    break
         finally:
             bar.close()
             if writer is not None:
@@ -413,7 +422,9 @@ class Trainer:
         skipped = self._global_skips()
         if info.is_main and sum(skipped.values()):
             logger.warning("data: skipped %d bad items (%s)", sum(skipped.values()), dict(skipped))
-        if self.step == cfg.total_steps and cfg.checkpoint.export_final:
+        if timed_out and info.is_main:
+            logger.info("time limit of %.3g min reached at step %d of %d", time_limit, self.step, end)
+        if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
             self.export(self.out / "final")
         return self.history
 
@@ -562,7 +573,7 @@ def save_pretrained_state(model: Any, state: dict[str, torch.Tensor], folder: st
     save_file(tensors, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def run_training(cfg: TrainConfig, stop_at: int | None = None) -> Trainer:
+def run_training(cfg: TrainConfig, stop_at: int | None = None, time_limit: float | None = None) -> Trainer:
     """Entry point of ``m4v train``: build the trainer, train, clean up the process group."""
     from m4v.training.distributed import cleanup
 
@@ -570,7 +581,7 @@ def run_training(cfg: TrainConfig, stop_at: int | None = None) -> Trainer:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
     try:
         trainer = Trainer(cfg, info=info)
-        trainer.train(stop_at=stop_at)
+        trainer.train(stop_at=stop_at, time_limit=time_limit)
         return trainer
     finally:
         cleanup(info)

@@ -39,7 +39,7 @@ from m4v.training.config import (
     validate_stage,
 )
 from m4v.training.data import Planner, SourceSet, StepStream, is_shard_folder, make_loader
-from m4v.training.distributed import DistInfo, barrier, cleanup, init_distributed, shard_model
+from m4v.training.distributed import DistInfo, barrier, cleanup, init_distributed, shard_model, time_is_up
 from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
@@ -167,8 +167,11 @@ class VAETrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train(self, stop_at: int | None = None) -> list[dict[str, Any]]:
+    def train(self, stop_at: int | None = None, time_limit: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer steps up to ``stop_at`` or ``time_limit`` minutes (then checkpoint and export, as at the end)."""
         cfg, info, accum = self.cfg, self.info, self.cfg.train.grad_accum
+        deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
+        timed_out = False
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
         if self.step >= end:
             return self.history
@@ -221,18 +224,23 @@ class VAETrainer:
                 bar.update(1)
                 post = f"loss {rec['loss']:.4f} | recon {rec['recon']:.4f} | kl {rec['kl']:.3g}"
                 bar.set_postfix_str(post, refresh=False)
-                last = self.step == end
+                timed_out = self.step < end and time_is_up(deadline, info)
+                last = self.step == end or timed_out
                 if writer is not None and (self.step % cfg.logging.every == 0 or last):
                     writer.write(rec)
                 if self.step % cfg.checkpoint.every == 0 or last:
                     meta = {"step": self.step, "config": _asdict(cfg)}
                     save_checkpoint(checkpoint_path(self.out, self.step), self.model, self.optimizer, self.ema,
                                     meta, info, keep=cfg.checkpoint.keep)
+                if timed_out:
+                    break
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.step == cfg.total_steps and cfg.checkpoint.export_final:
+        if timed_out and info.is_main:
+            logger.info("time limit of %.3g min reached at step %d of %d", time_limit, self.step, end)
+        if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
             self.export(self.out / "final" / "vae")
         return self.history
 
@@ -279,12 +287,12 @@ def _asdict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def run_vae_training(cfg: VAETrainConfig, stop_at: int | None = None) -> VAETrainer:
+def run_vae_training(cfg: VAETrainConfig, stop_at: int | None = None, time_limit: float | None = None) -> VAETrainer:
     info = init_distributed()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
     try:
         trainer = VAETrainer(cfg, info)
-        trainer.train(stop_at)
+        trainer.train(stop_at, time_limit)
         return trainer
     finally:
         cleanup(info)

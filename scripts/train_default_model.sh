@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Train the shipped default model and its Table 3-4 comparison on Moving Shapes (docs/model_card.md,
+# docs/results.md), on one GPU. Phases, each runnable on a fresh machine from what the last one returned:
+#   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16)
+#   probe            steps/s of the five variants run side by side, and seconds per generated video
+#   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
+#                    minutes each), evaluate each on the held-out split (m4v eval shapes, on the GPU)
+# Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
+# no_recomposition, no_registers, no_temporal. EXTRA="--set KEY=VALUE ..." is added to every train command.
+# Everything a phase reports (logs, metrics, eval JSON, the full_temp pipeline) is packed into $OUT/PHASE.tar*
+# when it ends, also when it fails.
+set -euo pipefail
+PHASE=${1:?phase: vae, probe or train}
+OUT=${OUT:-out}
+M4V=${M4V:-python3 -m m4v}
+DEVICE=${DEVICE:-cuda}
+VAE=runs/vae_moving_shapes/final/vae
+CFG=configs/train_moving_shapes.yaml
+W=runs/report_$PHASE
+mkdir -p "$OUT" "$W"
+pack() { tar -cf - -C runs "report_$PHASE" | split -b 15M - "$OUT/$PHASE.tar."; }
+trap pack EXIT
+VARIANTS=(full_temp full_attn no_recomposition no_registers no_temporal)
+declare -A SET=(
+  [full_temp]=""
+  [full_attn]="--set model.overrides.layout=full_attn"
+  [no_recomposition]="--set model.overrides.text_recomposition=false"
+  [no_registers]="--set model.overrides.registers=false"
+  [no_temporal]="--set model.overrides.layout=full"
+)
+
+side_by_side() {  # side_by_side SHARDS ARGS...: train every variant at once, one process each
+  local shards=$1; shift
+  for v in "${VARIANTS[@]}"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 $M4V train --config $CFG --output-dir "runs/ms_$v" --resume none --set "data.source=$shards" \
+      --set "vae=$VAE" ${SET[$v]} ${EXTRA:-} "$@" >"$W/train_$v.log" 2>&1 &
+  done
+  wait
+  for v in "${VARIANTS[@]}"; do
+    cp "runs/ms_$v/metrics.csv" "$W/metrics_$v.csv"
+    echo "$v: $(tail -n 1 "runs/ms_$v/metrics.csv")"
+  done
+}
+
+evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, held-out prompts, side by side
+  for v in "${VARIANTS[@]}"; do
+    python3 scripts/assemble_pipeline.py --transformer "runs/ms_$v/final/transformer_ema" --vae $VAE \
+      -o "runs/pipe_$v" >/dev/null
+    OMP_NUM_THREADS=2 $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" --no-progress \
+      --videos-out "$W/videos_$v" --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &
+  done
+  wait
+  for v in "${VARIANTS[@]}"; do echo "$v: $(tail -n 4 "$W/eval_$v.log" | tr '\n' ' ')"; done
+}
+
+case $PHASE in
+  vae)
+    $M4V train-vae --config configs/vae_moving_shapes.yaml --time-limit "${2:?minutes}" >"$W/vae.log" 2>&1
+    tail -n 3 "$W/vae.log"
+    python3 scripts/assemble_pipeline.py --halve-only $VAE
+    cp -r $VAE "$W/vae"
+    cp runs/vae_moving_shapes/vae_metrics.csv "$W/vae_metrics.csv"
+    ;;
+  probe)
+    $M4V prepare --data moving_shapes --out data/ms_probe --config $CFG --vae $VAE \
+      --set data.moving_shapes.num_samples="${PROBE_SAMPLES:-2048}" --batch-size 64 --num-workers 8 | tail -n 2
+    side_by_side data/ms_probe --time-limit 0.75
+    SECONDS=0
+    evaluate --limit 1
+    echo "eval of 2 videos per variant, side by side: $SECONDS s"
+    ;;
+  train)
+    SECONDS=0
+    $M4V prepare --data moving_shapes --out data/ms_latents --config $CFG --vae $VAE \
+      --batch-size 64 --num-workers 12 | tail -n 2
+    echo "prepare: $SECONDS s"
+    SECONDS=0
+    side_by_side data/ms_latents --stop-at "${2:?steps}" --time-limit "${3:?minutes}"
+    echo "train: $SECONDS s"
+    SECONDS=0
+    evaluate
+    echo "eval: $SECONDS s"
+    cp -r runs/pipe_full_temp "$W/pipe_full_temp"
+    python3 scripts/assemble_pipeline.py --halve-only "$W/pipe_full_temp"
+    ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac
