@@ -158,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="items per shard file")
     p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16, float16 or float32")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, help="decoding processes (default: the config's data.num_workers, else 0)")
+    p.add_argument("--num-workers", type=int, help="decoding processes (default: the config's data.num_workers)")
     p.set_defaults(func=cmd_prepare)
 
     p = subparsers.add_parser(
