@@ -4,7 +4,8 @@
 #   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16)
 #   probe            steps/s of the five variants run side by side, and seconds per generated video
 #   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
-#                    minutes each), evaluate each on the held-out split (m4v eval shapes, on the GPU)
+#                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
+#                    GPU machine has no FFmpeg)
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
 # no_recomposition, no_registers, no_temporal. EXTRA="--set KEY=VALUE ..." is added to every train command.
 # Everything a phase reports (logs, metrics, eval JSON, the full_temp pipeline) is packed into $OUT/PHASE.tar*
@@ -47,8 +48,8 @@ evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, hel
   for v in "${VARIANTS[@]}"; do
     python3 scripts/assemble_pipeline.py --transformer "runs/ms_$v/final/transformer_ema" --vae $VAE \
       -o "runs/pipe_$v" >/dev/null
-    OMP_NUM_THREADS=2 $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" --no-progress \
-      --videos-out "$W/videos_$v" --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &
+    OMP_NUM_THREADS=2 $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" --no-progress --in-memory \
+      --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &
   done
   wait
   for v in "${VARIANTS[@]}"; do echo "$v: $(tail -n 4 "$W/eval_$v.log" | tr '\n' ' ')"; done

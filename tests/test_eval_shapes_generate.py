@@ -64,6 +64,9 @@ def test_oracle_reaches_99_percent(tmp_path: Path) -> None:
     assert {p["prompt"] for p in report["per_prompt"]} == {it["prompt"] for it in items}
     assert all(len(p["videos"]) == 2 for p in report["per_prompt"])
     assert "colour 100.0%" in format_report(report)
+    # in memory (no H.264 file): the same accuracy on the exact frames
+    memory = evaluate_generated(_oracle(items), items, None, progress=False)
+    assert memory["accuracy"] == report["accuracy"] and memory["generated"] == 90
 
 
 def test_wrong_directions_are_counted_wrong(tmp_path: Path) -> None:
@@ -131,6 +134,30 @@ def test_shipped_model_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(args) == 0  # resumed: nothing generated again, text report
     text = capsys.readouterr().out
     assert "2 video(s) of 2 held-out prompts" in text and "(0 generated, 2 reused)" in text
+
+
+def test_frames_out_then_frames_scores_like_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Generate-only (--frames-out) on one machine, score (--frames) on another: the same report as --model."""
+    common = ["--seeds", "1", "--steps", "1", "--limit", "2", "--no-progress"]
+    model = default_model_dir()
+    assert main(["eval", "shapes", "--model", model, *common, "--out", str(tmp_path / "direct.json")]) == 0
+    frames = tmp_path / "frames.npz"
+    assert main(["eval", "shapes", "--model", model, *common, "--frames-out", str(frames)]) == 0
+    assert "2 held-out video(s)" in capsys.readouterr().out
+    assert main(["eval", "shapes", "--frames", str(frames), "--out", str(tmp_path / "later.json"), "--no-progress"]) == 0
+    direct, later = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("direct", "later"))
+    assert later["frames"] == str(frames)
+    for key in ("accuracy", "mean_temporal_flickering", "settings", "per_prompt", "breakdown", "model"):
+        assert later[key] == direct[key], key
+    _one_line_error(capsys, ["eval", "shapes", "--frames", str(frames), "--seeds", "1"], "--seeds: only used")
+    _one_line_error(capsys, ["eval", "shapes", "--frames", str(tmp_path / "direct.json")], "not a frames file")
+    _one_line_error(capsys, ["eval", "shapes", "--videos", str(tmp_path), "--frames-out", str(frames)], "--frames-out")
+    # --in-memory: the same frames scored without the file round trip
+    assert main(["eval", "shapes", "--model", model, *common, "--in-memory", "--out", str(tmp_path / "mem.json")]) == 0
+    mem = json.loads((tmp_path / "mem.json").read_text())
+    assert mem["in_memory"] and mem["num_videos"] == 2 and mem["settings"] == direct["settings"]
+    assert 0.0 <= mem["accuracy"]["colour"] <= 1.0
+    _one_line_error(capsys, ["eval", "shapes", "--frames", str(frames), "--in-memory"], "--in-memory")
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -142,6 +141,8 @@ def _decode(
     stops once they are all converted; with no count known every frame is kept. Returns
     ``(resized+cropped frames by source index, frames decoded, announced count or 0)``.
     """
+    import av  # imported where used: Moving Shapes and latent shards need no FFmpeg
+
     try:
         container = av.open(str(path))
     except Exception as exc:

@@ -25,7 +25,9 @@ SHAPES_HELP = """Moving-Shapes evaluation (paper D.1), in one of two modes:
                --seeds seeds each) with the model at its default size and frame count, analyse them the
                same way and report the accuracy of colour, shape and motion and the mean temporal
                flickering. Videos are kept in --videos-out as CAPTION-SEED.mp4 (existing ones are reused,
-               so an interrupted run resumes), else in a temporary folder."""
+               so an interrupted run resumes), else in a temporary folder.
+               With --frames-out FILE.npz the videos are only generated and their frames saved (for a GPU
+               machine without FFmpeg); --frames FILE.npz scores such a file, exactly as --model would."""
 
 GENERATION_FLAGS = ("seeds", "steps", "video_steps", "guidance", "video_guidance", "device", "dtype", "videos_out",
                     "limit")
@@ -95,9 +97,25 @@ def _quiet_libraries() -> None:
 def _cmd_shapes(args: argparse.Namespace) -> int:
     from m4v.eval.report import write_json
 
-    if (args.videos is None) == (args.model is None):
-        raise ValueError("give exactly one of --videos DIR (analyse videos) or --model DIR (generate and analyse).")
-    if args.videos is not None:
+    modes = [m for m in (args.videos, args.model, args.frames) if m is not None]
+    if len(modes) != 1:
+        raise ValueError(
+            "give exactly one of --videos DIR (analyse videos), --model DIR (generate and analyse) or "
+            "--frames FILE.npz (analyse frames saved by --frames-out)."
+        )
+    if args.frames_out is not None and args.model is None:
+        raise ValueError("--frames-out: only used with --model.")
+    if args.in_memory and (args.model is None or args.frames_out is not None or args.videos_out is not None):
+        raise ValueError("--in-memory: only used with --model, without --frames-out or --videos-out.")
+    if args.frames is not None:
+        for name in GENERATION_FLAGS:
+            if name != "videos_out" and getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')}: only used with --model, not with --frames.")
+        from m4v.eval.shapes_generate import evaluate_frames, format_report
+
+        report = evaluate_frames(args.frames, videos_out=args.videos_out, progress=not args.no_progress)
+        text = format_report
+    elif args.videos is not None:
         for name in GENERATION_FLAGS:
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')}: only used with --model, not with --videos.")
@@ -121,12 +139,18 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
             videos_out=args.videos_out,
             limit=args.limit,
             progress=not args.no_progress,
+            frames_out=args.frames_out,
+            in_memory=args.in_memory,
         )
-        text = format_report
+        text = format_report if args.frames_out is None else _format_frames
     if args.out:
         write_json(report, args.out)
     print(json.dumps(report, indent=2) if args.json else text(report))
     return 0
+
+
+def _format_frames(report: dict) -> str:
+    return f"{report['num_videos']} held-out video(s) of {report['model']} saved to {report['frames']}"
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
@@ -182,6 +206,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", help="--model: float32 (default), bfloat16 or float16 transformer weights")
     s.add_argument("--videos-out", metavar="DIR", help="--model: keep the videos here as CAPTION-SEED.mp4 (resumable)")
     s.add_argument("--limit", type=int, metavar="N", help="--model: only N prompts, spread evenly over the list")
+    s.add_argument("--frames-out", metavar="FILE.npz", help="--model: only generate; save the frames here")
+    s.add_argument("--frames", metavar="FILE.npz", help="score the frames saved by --frames-out")
+    s.add_argument("--in-memory", action="store_true",
+                   help="--model: score the frames without the H.264 file round trip (no FFmpeg needed)")
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.add_argument("--out", help="also write the JSON report to this file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -71,11 +71,13 @@ def _breakdown(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[st
 def evaluate_generated(
     generate_fn: GenerateFn,
     items: Sequence[Mapping[str, Any]],
-    videos_dir: str | os.PathLike[str],
+    videos_dir: str | os.PathLike[str] | None,
     fps: float = 24.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate (or reuse) ``CAPTION-SEED.mp4`` in ``videos_dir`` for every item, analyse and score it.
+
+    ``videos_dir=None``: analyse the generated frames directly, without the H.264 file (no FFmpeg needed).
 
     ``items`` are ``{"prompt", "seed", "meta"}`` dicts (:func:`m4v.data.moving_shapes.heldout_prompts`); the
     score is against ``meta``. An existing file is reused (resume); one that cannot be read is generated
@@ -86,13 +88,14 @@ def evaluate_generated(
     from tqdm.auto import tqdm
 
     from m4v.eval.sampling import video_filename
-    from m4v.io.video import read_video, write_video
+    from m4v.io.video import _to_uint8_frames, read_video, write_video
 
     if not items:
         raise ValueError("items: no prompts to evaluate.")
-    out = Path(videos_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(dict(it), out / video_filename(str(it["prompt"]), int(it["seed"]))) for it in items]
+    out = Path(videos_dir) if videos_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    jobs = [(dict(it), Path(out or "") / video_filename(str(it["prompt"]), int(it["seed"]))) for it in items]
     names = [path.name for _, path in jobs]
     if len(set(names)) != len(names):
         raise ValueError("items: two (prompt, seed) pairs map to the same file name.")
@@ -102,7 +105,10 @@ def evaluate_generated(
     bar = tqdm(jobs, desc="shapes", unit="video", disable=not progress, dynamic_ncols=True)
     for item, path in bar:
         video = None
-        if path.exists():
+        if out is None:
+            video = _to_uint8_frames(generate_fn(str(item["prompt"]), int(item["seed"])))
+            generated += 1
+        elif path.exists():
             try:
                 video = read_video(path)
                 reused += 1
@@ -177,25 +183,18 @@ def pipeline_generate_fn(pipe: Any, call_kwargs: Mapping[str, Any]) -> GenerateF
     return generate
 
 
-def evaluate_model(
+def _model_generate_fn(
     model_dir: str | os.PathLike[str],
-    seeds: int = 2,
-    steps: str = DEFAULT_STEPS,
-    video_steps: str | None = None,
-    guidance: float | None = None,
-    video_guidance: float | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    videos_out: str | os.PathLike[str] | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The generation mode end to end: load ``M4VPipeline.from_pretrained(model_dir)``, generate the held-out
-    prompts at the model's default size and frame count, and :func:`evaluate_generated` them.
-
-    ``steps`` are the Euler steps per pyramid stage of the first latent frame (later frames: ``video_steps``,
-    default half), as in ``m4v generate``. Videos go to ``videos_out`` (kept, resumable) or a temporary folder.
-    """
+    seeds: int,
+    steps: str,
+    video_steps: str | None,
+    guidance: float | None,
+    video_guidance: float | None,
+    device: str,
+    dtype: str,
+    limit: int | None,
+) -> tuple[GenerateFn, list[dict[str, Any]], dict[str, Any]]:
+    """Check the options, load the pipeline; returns ``(generate_fn, held-out items, settings)``."""
     import torch
 
     from m4v.data.moving_shapes import heldout_prompts
@@ -242,7 +241,43 @@ def evaluate_model(
         "steps": first, "video_steps": later, "guidance": guidance, "video_guidance": video_guidance,
         "device": str(torch_device), "dtype": DTYPES[dtype],
     }
-    generate = pipeline_generate_fn(pipe, kwargs)
+    return pipeline_generate_fn(pipe, kwargs), items, settings
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike[str],
+    seeds: int = 2,
+    steps: str = DEFAULT_STEPS,
+    video_steps: str | None = None,
+    guidance: float | None = None,
+    video_guidance: float | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    videos_out: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    frames_out: str | os.PathLike[str] | None = None,
+    in_memory: bool = False,
+) -> dict[str, Any]:
+    """The generation mode end to end: load ``M4VPipeline.from_pretrained(model_dir)``, generate the held-out
+    prompts at the model's default size and frame count, and :func:`evaluate_generated` them.
+
+    ``steps`` are the Euler steps per pyramid stage of the first latent frame (later frames: ``video_steps``,
+    default half), as in ``m4v generate``. Videos go to ``videos_out`` (kept, resumable) or a temporary folder.
+    With ``frames_out`` the videos are only generated, their frames saved there (:func:`save_frames`) and
+    nothing is scored (a GPU machine without FFmpeg); :func:`evaluate_frames` scores them later.
+    ``in_memory`` scores the generated frames directly, without the H.264 round trip (no FFmpeg needed).
+    """
+    root = os.fspath(model_dir)
+    generate, items, settings = _model_generate_fn(
+        root, seeds, steps, video_steps, guidance, video_guidance, device, dtype, limit
+    )
+    if frames_out is not None:
+        return save_frames(generate, items, settings, root, frames_out, progress=progress)
+    if in_memory:
+        report = evaluate_generated(generate, items, None, progress=progress)
+        return {"mode": "generate", "model": root, "videos_dir": None, "in_memory": True, "settings": settings,
+                **report}
     if videos_out is not None:
         report = evaluate_generated(generate, items, videos_out, progress=progress)
         folder: str | None = os.fspath(videos_out)
@@ -251,6 +286,64 @@ def evaluate_model(
             report = evaluate_generated(generate, items, tmp, progress=progress)
         folder = None
     return {"mode": "generate", "model": root, "videos_dir": folder, "settings": settings, **report}
+
+
+def save_frames(
+    generate_fn: GenerateFn,
+    items: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    model: str,
+    path: str | os.PathLike[str],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate every item and write the uint8 frames, items and settings to one compressed ``.npz``."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from m4v.io.video import _to_uint8_frames
+
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        raise ValueError(f"--frames-out: must be a .npz file, got {path!r}.")
+    arrays: dict[str, np.ndarray] = {}
+    for k, item in enumerate(tqdm(items, desc="shapes", unit="video", disable=not progress, dynamic_ncols=True)):
+        arrays[f"video_{k:05d}"] = _to_uint8_frames(generate_fn(str(item["prompt"]), int(item["seed"])))
+    index = {"model": model, "settings": dict(settings), "items": [dict(it) for it in items]}
+    tmp = path[: -len(".npz")] + ".partial.npz"
+    np.savez_compressed(tmp, index=np.array(json.dumps(index)), **arrays)
+    os.replace(tmp, path)
+    return {"mode": "frames", "model": model, "frames": path, "num_videos": len(items), "settings": dict(settings)}
+
+
+def evaluate_frames(
+    path: str | os.PathLike[str], videos_out: str | os.PathLike[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Score a :func:`save_frames` file exactly as :func:`evaluate_model` scores a fresh run (the frames go
+    through the same H.264 file and read-back)."""
+    import json
+
+    path = os.fspath(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        index = json.loads(str(data["index"]))
+        frames = {(str(it["prompt"]), int(it["seed"])): f"video_{k:05d}" for k, it in enumerate(index["items"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--frames: {path!r} is not a frames file written by --frames-out ({e}).") from e
+
+    def generate(prompt: str, seed: int) -> np.ndarray:
+        return data[frames[(prompt, seed)]]
+
+    items = index["items"]
+    if videos_out is not None:
+        report = evaluate_generated(generate, items, videos_out, progress=progress)
+        folder: str | None = os.fspath(videos_out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="m4v-shapes-") as tmp:
+            report = evaluate_generated(generate, items, tmp, progress=progress)
+        folder = None
+    return {"mode": "generate", "model": index["model"], "frames": path, "videos_dir": folder,
+            "settings": index["settings"], **report}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -289,10 +382,12 @@ __all__ = [
     "DEFAULT_STEPS",
     "HEADLINE",
     "GenerateFn",
+    "evaluate_frames",
     "evaluate_generated",
     "evaluate_model",
     "format_report",
     "pipeline_generate_fn",
+    "save_frames",
     "select_prompts",
     "stage_steps",
 ]

@@ -16,7 +16,6 @@ import tempfile
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-import av
 import numpy as np
 
 SUPPORTED_EXTENSIONS = (".mp4", ".gif")
@@ -58,6 +57,7 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+    import av  # imported where used: machines that only generate frames need no FFmpeg
     frames = _pad_even(frames)
     with av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
@@ -119,6 +119,8 @@ def write_video(path: str | os.PathLike[str], frames: Any, fps: float = 24, crf:
 
 
 def _open(path: str | os.PathLike[str]) -> Any:
+    import av
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"video file {path!r} does not exist.")
@@ -134,6 +136,8 @@ def _open(path: str | os.PathLike[str]) -> Any:
 
 def read_video(path: str | os.PathLike[str], max_frames: int | None = None) -> np.ndarray:
     """Decode a video file into a [F, H, W, 3] uint8 RGB array (the first ``max_frames`` frames if given)."""
+    import av
+
     frames: list[np.ndarray] = []
     with _open(path) as container:
         try:
@@ -150,6 +154,8 @@ def read_video(path: str | os.PathLike[str], max_frames: int | None = None) -> n
 
 def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
     """Frame count, size and frame rate of a video file (frames are counted by demuxing, not decoding)."""
+    import av
+
     with _open(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or 0
