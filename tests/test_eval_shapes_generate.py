@@ -144,7 +144,8 @@ def test_frames_out_then_frames_scores_like_model(tmp_path: Path, capsys: pytest
     frames = tmp_path / "frames.npz"
     assert main(["eval", "shapes", "--model", model, *common, "--frames-out", str(frames)]) == 0
     assert "2 held-out video(s)" in capsys.readouterr().out
-    assert main(["eval", "shapes", "--frames", str(frames), "--out", str(tmp_path / "later.json"), "--no-progress"]) == 0
+    later_args = ["--frames", str(frames), "--out", str(tmp_path / "later.json"), "--no-progress"]
+    assert main(["eval", "shapes", *later_args]) == 0
     direct, later = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("direct", "later"))
     assert later["frames"] == str(frames)
     for key in ("accuracy", "mean_temporal_flickering", "settings", "per_prompt", "breakdown", "model"):
