@@ -7,7 +7,8 @@
 #                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
 #                    GPU machine has no FFmpeg)
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
-# no_recomposition, no_registers, no_temporal. EXTRA="--set KEY=VALUE ..." is added to every train command.
+# no_recomposition, no_registers, no_temporal (VARIANTS="full_temp full_attn" picks some). EXTRA="--set K=V ..."
+# is added to every train command, EVAL_ARGS to every eval; SAMPLES sets the number of prepared clips.
 # Everything a phase reports (logs, metrics, eval JSON, the full_temp pipeline) is packed into $OUT/PHASE.tar*
 # when it ends, also when it fails.
 set -euo pipefail
@@ -21,7 +22,7 @@ W=runs/report_$PHASE
 mkdir -p "$OUT" "$W"
 pack() { tar -cf - -C runs "report_$PHASE" | split -b 15M - "$OUT/$PHASE.tar."; }
 trap pack EXIT
-VARIANTS=(full_temp full_attn no_recomposition no_registers no_temporal)
+read -r -a VARIANTS <<<"${VARIANTS:-full_temp full_attn no_recomposition no_registers no_temporal}"
 declare -A SET=(
   [full_temp]=""
   [full_attn]="--set model.overrides.layout=full_attn"
@@ -48,7 +49,8 @@ evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, hel
   for v in "${VARIANTS[@]}"; do
     python3 scripts/assemble_pipeline.py --transformer "runs/ms_$v/final/transformer_ema" --vae $VAE \
       -o "runs/pipe_$v" >/dev/null
-    OMP_NUM_THREADS=2 $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" --no-progress --in-memory \
+    OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT:-3000}" $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" \
+      --no-progress --in-memory \
       --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &
   done
   wait
@@ -74,13 +76,14 @@ case $PHASE in
   train)
     SECONDS=0
     $M4V prepare --data moving_shapes --out data/ms_latents --config $CFG --vae $VAE \
-      --batch-size 64 --num-workers 12 | tail -n 2
+      --set data.moving_shapes.num_samples="${SAMPLES:-30000}" --batch-size 64 --num-workers 14 | tail -n 2
     echo "prepare: $SECONDS s"
     SECONDS=0
     side_by_side data/ms_latents --stop-at "${2:?steps}" --time-limit "${3:?minutes}"
     echo "train: $SECONDS s"
     SECONDS=0
-    evaluate
+    # shellcheck disable=SC2086
+    evaluate ${EVAL_ARGS:-}
     echo "eval: $SECONDS s"
     cp -r runs/pipe_full_temp "$W/pipe_full_temp"
     python3 scripts/assemble_pipeline.py --halve-only "$W/pipe_full_temp"
