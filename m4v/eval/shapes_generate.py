@@ -278,14 +278,19 @@ def evaluate_model(
         report = evaluate_generated(generate, items, None, progress=progress)
         return {"mode": "generate", "model": root, "videos_dir": None, "in_memory": True, "settings": settings,
                 **report}
+    report = _evaluate_to_files(generate, items, videos_out, progress)
+    return {"mode": "generate", "model": root, "settings": settings, **report}
+
+
+def _evaluate_to_files(
+    generate: GenerateFn, items: Sequence[Mapping[str, Any]], videos_out: str | os.PathLike[str] | None, progress: bool
+) -> dict[str, Any]:
+    """:func:`evaluate_generated` into ``videos_out`` (kept) or a temporary folder; adds ``videos_dir``."""
     if videos_out is not None:
         report = evaluate_generated(generate, items, videos_out, progress=progress)
-        folder: str | None = os.fspath(videos_out)
-    else:
-        with tempfile.TemporaryDirectory(prefix="m4v-shapes-") as tmp:
-            report = evaluate_generated(generate, items, tmp, progress=progress)
-        folder = None
-    return {"mode": "generate", "model": root, "videos_dir": folder, "settings": settings, **report}
+        return {"videos_dir": os.fspath(videos_out), **report}
+    with tempfile.TemporaryDirectory(prefix="m4v-shapes-") as tmp:
+        return {"videos_dir": None, **evaluate_generated(generate, items, tmp, progress=progress)}
 
 
 def save_frames(
@@ -334,16 +339,8 @@ def evaluate_frames(
     def generate(prompt: str, seed: int) -> np.ndarray:
         return data[frames[(prompt, seed)]]
 
-    items = index["items"]
-    if videos_out is not None:
-        report = evaluate_generated(generate, items, videos_out, progress=progress)
-        folder: str | None = os.fspath(videos_out)
-    else:
-        with tempfile.TemporaryDirectory(prefix="m4v-shapes-") as tmp:
-            report = evaluate_generated(generate, items, tmp, progress=progress)
-        folder = None
-    return {"mode": "generate", "model": index["model"], "frames": path, "videos_dir": folder,
-            "settings": index["settings"], **report}
+    report = _evaluate_to_files(generate, index["items"], videos_out, progress)
+    return {"mode": "generate", "model": index["model"], "frames": path, "settings": index["settings"], **report}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
