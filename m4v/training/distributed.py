@@ -84,7 +84,9 @@ def time_is_up(deadline: float | None, info: DistInfo) -> bool:
         return False
     import time
 
-    flag = torch.tensor([float(time.monotonic() >= deadline)], device=info.device)
-    if info.distributed:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    late = time.monotonic() >= deadline
+    if not info.distributed:
+        return late  # no device tensor, no sync on the hot path of one process
+    flag = torch.tensor([float(late)], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
