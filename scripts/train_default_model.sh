@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the shipped default model and its Table 3-4 comparison on Moving Shapes (docs/model_card.md,
 # docs/results.md), on one GPU. Phases, each runnable on a fresh machine from what the last one returned:
-#   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16)
+#   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16),
+#                    then scripts/check_vae.py: object/background error and the analyser on reconstructions
 #   probe            steps/s of the five variants run side by side, and seconds per generated video
 #   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
 #                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
@@ -53,7 +54,7 @@ evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, hel
     python3 scripts/assemble_pipeline.py --transformer "runs/ms_$v/final/transformer_ema" --vae $VAE \
       -o "runs/pipe_$v" >/dev/null
     OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT:-3000}" $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" \
-      --no-progress --in-memory \
+      --no-progress --in-memory --batch-size "${EVAL_BATCH:-45}" \
       --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &
   done
   wait
@@ -64,6 +65,7 @@ case $PHASE in
   vae)
     $M4V train-vae --config configs/vae_moving_shapes.yaml --time-limit "${2:?minutes}" >"$W/vae.log" 2>&1
     tail -n 3 "$W/vae.log"
+    python3 scripts/check_vae.py $VAE --num "${CHECK_CLIPS:-48}" --device "$DEVICE" --out "$W/vae_check.json" | tail -n 22
     python3 scripts/assemble_pipeline.py --halve-only $VAE
     cp -r $VAE "$W/vae"
     cp runs/vae_moving_shapes/vae_metrics.csv "$W/vae_metrics.csv"

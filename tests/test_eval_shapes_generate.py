@@ -181,3 +181,18 @@ def test_errors_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--limit", "0"], "--limit")
     assert main(["eval", "shapes", "--videos", str(tmp_path), "--no-progress"]) == 0
     assert "accuracy over 1 captioned video(s)" in capsys.readouterr().out
+
+
+def test_batched_generation_gives_the_videos_of_single_runs(tmp_path: Path) -> None:
+    """--batch-size N: each video keeps its own seed's noise, so the frames match one-at-a-time generation."""
+    common = ["eval", "shapes", "--model", default_model_dir(), "--seeds", "2", "--steps", "1", "--limit", "2",
+              "--no-progress"]
+    for n in (1, 3):
+        assert main([*common, "--batch-size", str(n), "--frames-out", str(tmp_path / f"b{n}.npz")]) == 0
+    one, three = np.load(tmp_path / "b1.npz"), np.load(tmp_path / "b3.npz")
+    keys = sorted(k for k in one.files if k.startswith("video_"))
+    assert len(keys) == 4 and keys == sorted(k for k in three.files if k.startswith("video_"))
+    for k in keys:  # batched matmuls may round differently: at most one grey level apart
+        assert np.abs(one[k].astype(int) - three[k].astype(int)).max() <= 1, k
+    assert not np.array_equal(one[keys[0]], one[keys[1]])  # seeds 0 and 1 of a prompt differ
+    assert main([*common, "--batch-size", "0"]) == 2

@@ -361,3 +361,16 @@ def test_oracle_sampling_smooth_target() -> None:
         assert abs(resid.std().item() - 1.0) < 0.05
         cov = _cov(_blocks(resid))
         assert (cov - torch.eye(4, dtype=cov.dtype)).abs().max().item() < 0.1
+
+
+def test_block_noise_with_one_generator_per_batch_element() -> None:
+    """A list of generators draws element i from generator i: the same noise as drawing it alone."""
+    from m4v.schedulers.pyramid import block_noise
+
+    gens = [torch.Generator().manual_seed(s) for s in (3, 7)]
+    both = block_noise((2, 4, 6, 6), 1 / 3, gens)
+    for i, s in enumerate((3, 7)):
+        alone = block_noise((1, 4, 6, 6), 1 / 3, torch.Generator().manual_seed(s))
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        block_noise((3, 4, 6, 6), 1 / 3, [torch.Generator(), torch.Generator()])

@@ -30,7 +30,7 @@ SHAPES_HELP = """Moving-Shapes evaluation (paper D.1), in one of two modes:
                machine without FFmpeg); --frames FILE.npz scores such a file, exactly as --model would."""
 
 GENERATION_FLAGS = ("seeds", "steps", "video_steps", "guidance", "video_guidance", "device", "dtype", "videos_out",
-                    "limit")
+                    "limit", "batch_size")
 
 
 def _check_png(path: str | None) -> None:
@@ -141,6 +141,7 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             frames_out=args.frames_out,
             in_memory=args.in_memory,
+            batch_size=1 if args.batch_size is None else args.batch_size,
         )
         text = format_report if args.frames_out is None else _format_frames
     if args.out:
@@ -206,6 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", help="--model: float32 (default), bfloat16 or float16 transformer weights")
     s.add_argument("--videos-out", metavar="DIR", help="--model: keep the videos here as CAPTION-SEED.mp4 (resumable)")
     s.add_argument("--limit", type=int, metavar="N", help="--model: only N prompts, spread evenly over the list")
+    s.add_argument("--batch-size", type=int, metavar="N",
+                   help="--model: videos generated together per pipeline call (default 1; same videos for any N)")
     s.add_argument("--frames-out", metavar="FILE.npz", help="--model: only generate; save the frames here")
     s.add_argument("--frames", metavar="FILE.npz", help="score the frames saved by --frames-out")
     s.add_argument("--in-memory", action="store_true",

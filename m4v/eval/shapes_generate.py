@@ -172,13 +172,33 @@ def stage_steps(text: str, stages: int, name: str) -> list[int]:
     return steps
 
 
-def pipeline_generate_fn(pipe: Any, call_kwargs: Mapping[str, Any]) -> GenerateFn:
+def pipeline_generate_fn(
+    pipe: Any, call_kwargs: Mapping[str, Any], batch_size: int = 1, order: Sequence[tuple[str, int]] = ()
+) -> GenerateFn:
     """``generate_fn`` of an :class:`~m4v.pipelines.M4VPipeline`: seed ``s`` uses a CPU generator seeded with ``s``
-    (the same video as ``m4v generate PROMPT --seed s`` with the same settings)."""
+    (the same video as ``m4v generate PROMPT --seed s`` with the same settings).
+
+    With ``batch_size > 1`` and ``order`` (the ``(prompt, seed)`` pairs in the order they will be asked for), a
+    request generates it together with the next ``batch_size - 1`` pairs of ``order`` in one batched pipeline call
+    (one generator per video, so each video has the noise it has alone) and hands those out from a cache.
+    """
     import torch
 
-    def generate(prompt: str, seed: int) -> np.ndarray:
-        return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs).frames[0]
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {batch_size}.")
+    queue = [(str(p), int(s)) for p, s in order]
+    position = {key: i for i, key in enumerate(queue)}
+    cache: dict[tuple[str, int], Any] = {}
+
+    def generate(prompt: str, seed: int) -> Any:
+        key = (prompt, seed)
+        if key not in cache:
+            i = position.get(key)
+            keys = [key] if i is None else [k for k in queue[i : i + batch_size] if k not in cache]
+            gens = [torch.Generator("cpu").manual_seed(s) for _, s in keys]
+            frames = pipe([p for p, _ in keys], generator=gens, **call_kwargs).frames
+            cache.update(zip(keys, frames))
+        return cache.pop(key)
 
     return generate
 
@@ -193,6 +213,7 @@ def _model_generate_fn(
     device: str,
     dtype: str,
     limit: int | None,
+    batch_size: int = 1,
 ) -> tuple[GenerateFn, list[dict[str, Any]], dict[str, Any]]:
     """Check the options, load the pipeline; returns ``(generate_fn, held-out items, settings)``."""
     import torch
@@ -214,6 +235,8 @@ def _model_generate_fn(
     for name, g in (("--guidance", guidance), ("--video-guidance", video_guidance)):
         if g is not None and g < 0:
             raise ValueError(f"{name}: must be >= 0, got {g}.")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {batch_size}.")
     parse_steps(steps, "--steps")  # checked before the model loads; expanded to the stages below
     if video_steps:
         parse_steps(video_steps, "--video-steps")
@@ -239,9 +262,10 @@ def _model_generate_fn(
     settings = {
         "seeds": seeds, "limit": limit, "height": height, "width": width, "num_frames": int(pipe.default_frames),
         "steps": first, "video_steps": later, "guidance": guidance, "video_guidance": video_guidance,
-        "device": str(torch_device), "dtype": DTYPES[dtype],
+        "device": str(torch_device), "dtype": DTYPES[dtype], "batch_size": batch_size,
     }
-    return pipeline_generate_fn(pipe, kwargs), items, settings
+    order = [(str(it["prompt"]), int(it["seed"])) for it in items]
+    return pipeline_generate_fn(pipe, kwargs, batch_size, order), items, settings
 
 
 def evaluate_model(
@@ -258,6 +282,7 @@ def evaluate_model(
     progress: bool = True,
     frames_out: str | os.PathLike[str] | None = None,
     in_memory: bool = False,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """The generation mode end to end: load ``M4VPipeline.from_pretrained(model_dir)``, generate the held-out
     prompts at the model's default size and frame count, and :func:`evaluate_generated` them.
@@ -267,10 +292,11 @@ def evaluate_model(
     With ``frames_out`` the videos are only generated, their frames saved there (:func:`save_frames`) and
     nothing is scored (a GPU machine without FFmpeg); :func:`evaluate_frames` scores them later.
     ``in_memory`` scores the generated frames directly, without the H.264 round trip (no FFmpeg needed).
+    ``batch_size`` videos are generated per pipeline call (each with its own seed's noise).
     """
     root = os.fspath(model_dir)
     generate, items, settings = _model_generate_fn(
-        root, seeds, steps, video_steps, guidance, video_guidance, device, dtype, limit
+        root, seeds, steps, video_steps, guidance, video_guidance, device, dtype, limit, batch_size
     )
     if frames_out is not None:
         return save_frames(generate, items, settings, root, frames_out, progress=progress)

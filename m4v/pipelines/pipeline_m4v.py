@@ -25,7 +25,7 @@ from m4v.models.transformer import M4VTransformer
 from m4v.models.vae import VideoVAE
 from m4v.pipelines.model_dir import MODEL_INDEX, load_model_dir
 from m4v.schedulers import PyramidFlowMatchScheduler, temporal_pyramid_history
-from m4v.schedulers.pyramid import _rand
+from m4v.schedulers.pyramid import Generators, _rand
 
 
 @dataclass
@@ -195,7 +195,7 @@ class M4VPipeline(DiffusionPipeline):
         video_num_inference_steps: int | Sequence[int] = (10, 10, 10),
         guidance_scale: float = 7.0,
         video_guidance_scale: float = 5.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         image: torch.Tensor | np.ndarray | Any | None = None,
         output_type: str = "np",
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
@@ -270,7 +270,7 @@ class M4VPipeline(DiffusionPipeline):
         return M4VPipelineOutput(frames=frames, latents=latents)
 
     def encode_image(
-        self, image: Any, height: int, width: int, batch: int, generator: torch.Generator | None
+        self, image: Any, height: int, width: int, batch: int, generator: Generators
     ) -> torch.Tensor:
         """Image-to-video (paper E.2): the image, resized and centre-cropped, becomes the first latent frame."""
         from m4v.pipelines.image import image_to_tensor

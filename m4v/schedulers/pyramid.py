@@ -25,16 +25,29 @@ def _check_levels(levels: int) -> None:
         raise ValueError(f"levels must be a non-negative int, got {levels!r}.")
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, or one per batch element."""
+
+
 def _rand(
     shape: Sequence[int],
-    generator: torch.Generator | None,
+    generator: Generators,
     device: torch.device | str | None,
     dtype: torch.dtype,
     normal: bool,
 ) -> Tensor:
-    """Draw on the generator's device (so a CPU generator also works for CUDA outputs), then move."""
-    draw_device = generator.device if generator is not None else device
+    """Draw on the generator's device (so a CPU generator also works for CUDA outputs), then move.
+
+    A list of generators draws batch element ``i`` (dim 0) from ``generator[i]``, so a video generated in a
+    batch gets the same noise as when it is generated alone with that generator (diffusers' convention).
+    """
     fn = torch.randn if normal else torch.rand
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per video.")
+        parts = [fn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generator]
+        return torch.stack(parts) if parts else torch.empty(tuple(shape), device=device, dtype=dtype)
+    draw_device = generator.device if generator is not None else device
     out = fn(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
     return out.to(device) if device is not None else out
 
@@ -81,7 +94,7 @@ def pyramid_noise(noise_full: Tensor, stage: int, num_stages: int = 3) -> Tensor
 def block_noise(
     shape: Sequence[int],
     gamma: float = 1.0 / 3.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:

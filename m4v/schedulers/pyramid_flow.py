@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from .pyramid import _rand, block_noise, downsample, pyramid_noise, upsample_nearest
+from .pyramid import Generators, _rand, block_noise, downsample, pyramid_noise, upsample_nearest
 
 __all__ = ["PyramidFlowMatchScheduler", "PyramidFlowSchedulerOutput"]
 
@@ -199,7 +199,7 @@ class PyramidFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         return PyramidFlowSchedulerOutput(prev_sample=prev)
 
     def renoise_for_next_stage(
-        self, sample: Tensor, next_stage: int, generator: torch.Generator | None = None
+        self, sample: Tensor, next_stage: int, generator: Generators = None
     ) -> Tensor:
         """Jump from the end of ``next_stage - 1`` to the start of ``next_stage``.
 
