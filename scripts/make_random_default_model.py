@@ -1,7 +1,7 @@
-"""Write the placeholder model shipped in m4v/assets/default: the tiny config with seeded random weights.
+"""Write a random-weight pipeline of the tiny config (seeded): what m4v/assets/default held before the trained
+model (docs/model_card.md) replaced it; still handy as a small, fast model for smoke runs.
 
-Until a trained model lands (see docs/model_card.md), this makes `m4v generate` work end to end.
-Usage: python scripts/make_random_default_model.py [OUT_DIR]
+Usage: python scripts/make_random_default_model.py OUT_DIR
 """
 
 import sys
@@ -15,7 +15,7 @@ from m4v.pipelines import M4VPipeline
 from m4v.schedulers import PyramidFlowMatchScheduler
 
 
-def main(out: str = "m4v/assets/default") -> None:
+def main(out: str = "runs/tiny_random") -> None:
     torch.manual_seed(0)
     pipe = M4VPipeline(
         M4VTransformer(**named_config("tiny")), build_video_vae("tiny"), load_text_encoder("minilm"),

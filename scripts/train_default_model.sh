@@ -20,7 +20,7 @@ DEVICE=${DEVICE:-cuda}
 # At 128x128x17 (at most 192 visual tokens) the Triton kernels' compile and block tuning (tens of seconds per
 # process, and five processes compiling side by side) cost more than they save: use the torch SSD path.
 export M4V_SSD_BACKEND=${M4V_SSD_BACKEND:-torch} M4V_DISABLE_TRITON=${M4V_DISABLE_TRITON:-1}
-VAE=runs/vae_moving_shapes/final/vae
+VAE=${VAE:-runs/vae_moving_shapes/final/vae}  # VAE=m4v/assets/default/vae reuses the shipped one (skip phase vae)
 CFG=configs/train_moving_shapes.yaml
 W=runs/report_$PHASE
 mkdir -p "$OUT" "$W"

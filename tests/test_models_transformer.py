@@ -162,3 +162,24 @@ def test_randomize_helper_changes_zero_init():
     assert m.proj_out.weight.abs().sum() == 0
     randomize_(m)
     assert m.proj_out.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["full_temp", "full_attn"])
+def test_torch_compile_matches_eager(layout):
+    """torch.compile(model) (dynamo + AOT autograd, no code generation: the CPU-portable part of compilation)
+    gives the eager outputs and gradients, with the pyramid history and text padding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_model(layout=layout)
+    kw = inputs()
+    out = model(**kw).sample
+    out.square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    got = compiled(**kw).sample
+    got.square().mean().backward()
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
