@@ -2,7 +2,8 @@
 # Train the shipped default model and its Table 3-4 comparison on Moving Shapes (docs/model_card.md,
 # docs/results.md), on one GPU. Phases, each runnable on a fresh machine from what the last one returned:
 #   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16),
-#                    then scripts/check_vae.py: object/background error and the analyser on reconstructions
+#                    then scripts/check_vae.py: object/background error and the analyser on reconstructions;
+#                    VAE_FROM=DIR fine-tunes that VAE (e.g. the shipped m4v/assets/default/vae) instead of a fresh one
 #   probe            steps/s of the five variants run side by side, and seconds per generated video
 #   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
 #                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
@@ -63,7 +64,9 @@ evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, hel
 
 case $PHASE in
   vae)
-    $M4V train-vae --config configs/vae_moving_shapes.yaml --time-limit "${2:?minutes}" >"$W/vae.log" 2>&1
+    # shellcheck disable=SC2086
+    $M4V train-vae --config configs/vae_moving_shapes.yaml --time-limit "${2:?minutes}" \
+      ${VAE_FROM:+--set vae.pretrained=$VAE_FROM} >"$W/vae.log" 2>&1
     tail -n 3 "$W/vae.log"
     python3 scripts/check_vae.py $VAE --num "${CHECK_CLIPS:-48}" --device "$DEVICE" --out "$W/vae_check.json" | tail -n 22
     python3 scripts/assemble_pipeline.py --halve-only $VAE
