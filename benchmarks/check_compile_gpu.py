@@ -5,7 +5,10 @@ weights, float32 so the comparison is tight), runs forward + backward eagerly (T
 chosen automatically on CUDA) and through ``torch.compile(model)`` (inductor), and records the relative RMS error
 of the output and of all gradients, the compile time and the time per forward + backward of both. JSON out.
 
-    python benchmarks/check_compile_gpu.py --out benchmarks/results/compile_gpu.json
+    python benchmarks/check_compile_gpu.py --out benchmarks/results/compile_gpu.json 2>&1 | tee compile.log
+
+On a fresh H100 the first full_temp step JIT-compiles the Triton kernels and inductor then compiles the model:
+a first try cut at 180 s (output piped through tail, so nothing came back) did not finish; give it a full call.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ def inputs(device: str, B: int = 4, size: int = 16, L: int = 13) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/train_moving_shapes.yaml")
+    ap.add_argument("--layouts", default="full_temp,full_attn")
     ap.add_argument("--out")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = load_config(args.config).model
     rows = []
-    for layout in ("full_temp", "full_attn"):
+    for layout in args.layouts.split(","):
         row: dict = {"layout": layout}
         try:
             torch.manual_seed(0)
@@ -65,7 +69,9 @@ def main() -> None:
                 out.square().mean().backward()
                 return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
+            t0 = time.perf_counter()
             ref, ref_g = step(model)
+            print(f"{layout}: first eager step (Triton JIT included) {time.perf_counter() - t0:.1f} s", flush=True)
             compiled = torch.compile(model)
             t0 = time.perf_counter()
             got, got_g = step(compiled)
