@@ -11,8 +11,11 @@
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
 # no_recomposition, no_registers, no_temporal (VARIANTS="full_temp full_attn" picks some). EXTRA="--set K=V ..."
 # is added to every train command, EVAL_ARGS to every eval; SAMPLES sets the number of prepared clips.
-# Everything a phase reports (logs, metrics, eval JSON, the full_temp pipeline) is packed into $OUT/PHASE.tar*
-# when it ends, also when it fails.
+# Everything a phase reports (logs, metrics, eval JSON, the float16 EMA transformers of the variants in KEEP,
+# default "full_temp full_attn") is packed into $OUT/PHASE.tar* when it ends, also when it fails. The shipped
+# pipeline is then assembled where the files land:
+#   python scripts/assemble_pipeline.py --transformer runs/report_train/transformer_full_temp --vae VAE \
+#       -o m4v/assets/default --half
 set -euo pipefail
 PHASE=${1:?phase: vae, probe or train}
 OUT=${OUT:-out}
@@ -93,8 +96,11 @@ case $PHASE in
     # shellcheck disable=SC2086
     evaluate ${EVAL_ARGS:-}
     echo "eval: $SECONDS s"
-    cp -r runs/pipe_full_temp "$W/pipe_full_temp"
-    python3 scripts/assemble_pipeline.py --halve-only "$W/pipe_full_temp"
+    for v in ${KEEP:-full_temp full_attn}; do  # EMA transformers (float16, ~26 MB each) to bring back
+      [ -d "runs/ms_$v/final/transformer_ema" ] || continue
+      cp -r "runs/ms_$v/final/transformer_ema" "$W/transformer_$v"
+      python3 scripts/assemble_pipeline.py --halve-only "$W/transformer_$v"
+    done
     ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac
