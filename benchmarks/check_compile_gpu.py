@@ -75,7 +75,8 @@ def main() -> None:
             compiled = torch.compile(model)
             t0 = time.perf_counter()
             got, got_g = step(compiled)
-            torch.cuda.synchronize() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.synchronize()
             row["compile_s"] = time.perf_counter() - t0
             row["out_rel_rms"] = rel_rms(got, ref)
             row["grad_rel_rms_max"] = max(rel_rms(a, b) for a, b in zip(got_g, ref_g))

@@ -25,6 +25,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, write_json  # noqa: E402
 
 from m4v.eval.flops import count_parameters, last_step_frame_grids, mixer_flops, resolved_config  # noqa: E402
+from m4v.generate_cli import default_model_dir  # noqa: E402
+from m4v.pipelines import M4VPipeline  # noqa: E402
 from m4v.training.config import load_config  # noqa: E402
 
 VARIANTS = {  # name: transformer overrides on top of configs/train_moving_shapes.yaml (as in the script)
@@ -42,13 +44,11 @@ def variant_config(base: dict, overrides: dict) -> dict:
     return resolved_config(base["config"], **{**base["overrides"], **overrides})
 
 
-def cpu_seconds_per_call(cfg: dict, steps: int) -> float:
-    """Seconds per transformer call of one 128x128x17 generation (CFG batch of 2), random weights, CPU."""
-    from m4v.generate_cli import default_model_dir
+def cpu_seconds_per_call(shipped: M4VPipeline, cfg: dict, steps: int) -> float:
+    """Seconds per transformer call of one 128x128x17 generation (CFG batch of 2), random weights, CPU; the VAE,
+    text encoder and scheduler are the shipped pipeline's."""
     from m4v.models import M4VTransformer
-    from m4v.pipelines import M4VPipeline
 
-    shipped = M4VPipeline.from_pretrained(default_model_dir())
     torch.manual_seed(0)
     pipe = M4VPipeline(M4VTransformer(**cfg).eval(), shipped.vae, shipped.text_encoder, shipped.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -76,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     base = load_config(args.config).model
     base = {"config": base.config, "overrides": dict(base.overrides)}
+    shipped = M4VPipeline.from_pretrained(default_model_dir()) if args.cpu_timing else None
     rows = []
     for name, overrides in VARIANTS.items():
         path = os.path.join(args.run, f"eval_{name}.json")
@@ -99,7 +100,7 @@ def main() -> None:
             "train_s_per_step_side_by_side": 60.0 * args.train_minutes / steps,
         }
         if args.cpu_timing:
-            row["cpu_s_per_transformer_call"] = cpu_seconds_per_call(cfg, 20)
+            row["cpu_s_per_transformer_call"] = cpu_seconds_per_call(shipped, cfg, 20)
         rows.append(row)
     result = {**environment(), "run": args.run, "train_minutes": args.train_minutes, "text_len": args.text_len,
               "rows": rows}

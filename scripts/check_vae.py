@@ -45,9 +45,8 @@ def main() -> None:
         obj_err.append(sq[mask].mean().item())
         bg_err.append(sq[~mask].mean().item())
         for it, r in zip(items, rec):
-            for frames, bucket in ((it["video"], truth), (r, recon)):
-                u8 = ((frames.permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-                bucket.append(score(analyse(u8), it["meta"]))
+            for frames, bucket in ((it["video"], truth), (r, recon)):  # analyse takes [F, H, W, 3] in [0, 1]
+                bucket.append(score(analyse(((frames + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).numpy()), it["meta"]))
     report = {
         "vae": args.vae, "clips": args.num, "size": args.size, "frames": args.frames,
         "object_mse": float(np.mean(obj_err)), "background_mse": float(np.mean(bg_err)),
