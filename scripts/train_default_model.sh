@@ -3,7 +3,9 @@
 # docs/results.md), on one GPU. Phases, each runnable on a fresh machine from what the last one returned:
 #   vae   MIN        train the VAE for MIN minutes             -> runs/vae_moving_shapes/final/vae (float16),
 #                    then scripts/check_vae.py: object/background error and the analyser on reconstructions;
-#                    VAE_FROM=DIR fine-tunes that VAE (e.g. the shipped m4v/assets/default/vae) instead of a fresh one
+#                    VAE_FROM=DIR fine-tunes that VAE (e.g. the shipped m4v/assets/default/vae) instead of a fresh one;
+#                    with DECODER_ONLY=1 only its decoder (encoder and latent normalisation kept: latents prepared
+#                    and transformers trained with VAE_FROM stay valid, so this can run beside phase train)
 #   probe            steps/s of the five variants run side by side, and seconds per generated video
 #   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
 #                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
@@ -69,7 +71,7 @@ case $PHASE in
   vae)
     # shellcheck disable=SC2086
     $M4V train-vae --config configs/vae_moving_shapes.yaml --time-limit "${2:?minutes}" \
-      ${VAE_FROM:+--set vae.pretrained=$VAE_FROM} >"$W/vae.log" 2>&1
+      ${VAE_FROM:+--set vae.pretrained=$VAE_FROM} ${DECODER_ONLY:+--set vae.freeze_encoder=true} >"$W/vae.log" 2>&1
     tail -n 3 "$W/vae.log"
     python3 scripts/check_vae.py $VAE --num "${CHECK_CLIPS:-48}" --device "$DEVICE" --out "$W/vae_check.json" | tail -n 22
     python3 scripts/assemble_pipeline.py --halve-only $VAE

@@ -95,3 +95,24 @@ def test_train_vae_time_limit_exports(tmp_path):
     assert VideoVAE.from_pretrained(tmp_path / "t" / "final" / "vae").latent_channels == 16
     with pytest.raises(ValueError, match="--time-limit"):
         run_cli(["train-vae", "--config", _config(tmp_path, "u"), "--time-limit", "0"])
+
+
+def test_decoder_only_fine_tune_keeps_encoder_and_latent_norm(tmp_path):
+    """vae.freeze_encoder: the decoder trains, encoder weights and latent normalisation stay the pretrained ones."""
+    assert run_cli(["train-vae", "--config", _config(tmp_path, "p")]) == 0
+    pre_dir = tmp_path / "p" / "final" / "vae"
+    pre = VideoVAE.from_pretrained(pre_dir)
+    path = _config(tmp_path, "f")
+    over = ["--set", f"vae.pretrained={pre_dir}", "--set", "vae.freeze_encoder=true", "--set", "optim.lr=0.01"]
+    assert run_cli(["train-vae", "--config", path, *over]) == 0
+    ft = VideoVAE.from_pretrained(tmp_path / "f" / "final" / "vae")
+    assert ft.latent_norm == pre.latent_norm
+    a, b = pre.model.state_dict(), ft.model.state_dict()
+    enc = [k for k in a if not k.startswith("decoder.")]
+    dec = [k for k in a if k.startswith("decoder.") and a[k].is_floating_point()]
+    assert enc and dec
+    for k in enc:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], b[k]) for k in dec)
+    with pytest.raises(ValueError, match="vae.freeze_encoder: needs vae.pretrained"):
+        run_cli(["train-vae", "--config", path, "--set", "vae.freeze_encoder=true"])

@@ -56,6 +56,9 @@ class VAEModelConfig:
     config: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    # Decoder-only fine-tuning of ``pretrained``: the encoder and the latent normalisation stay as they are,
+    # so latents prepared (and transformers trained) with the pretrained VAE stay valid.
+    freeze_encoder: bool = False
 
 
 @dataclass
@@ -93,6 +96,8 @@ class VAETrainConfig(StageSchedule):
             raise ValueError(f"loss.reconstruction: must be l1 or mse, got {self.loss.reconstruction!r}.")
         if self.loss.kl_weight < 0:
             raise ValueError(f"loss.kl_weight: must be >= 0, got {self.loss.kl_weight}.")
+        if self.vae.freeze_encoder and not self.vae.pretrained:
+            raise ValueError("vae.freeze_encoder: needs vae.pretrained (the VAE whose decoder is fine-tuned).")
         if is_shard_folder(self.data.source):
             raise ValueError("data.source: VAE training needs pixels, not a 'm4v prepare' latent folder.")
 
@@ -120,10 +125,14 @@ def build_autoencoder(cfg: VAEModelConfig, seed: int) -> Any:
 
 
 def vae_loss(
-    model: Any, video: torch.Tensor, gens: list[torch.Generator], loss_cfg: VAELossConfig
+    model: Any, video: torch.Tensor, gens: list[torch.Generator], loss_cfg: VAELossConfig, frozen_encoder: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(recon + kl_weight * KL, parts) for video [B, 3, F, H, W] in [-1, 1]; per-sample posterior noise."""
-    post = model.encode(video).latent_dist
+    """(recon + kl_weight * KL, parts) for video [B, 3, F, H, W] in [-1, 1]; per-sample posterior noise.
+
+    ``frozen_encoder``: the encoder runs without autograd (decoder-only fine-tuning; the KL is then constant).
+    """
+    with torch.no_grad() if frozen_encoder else contextlib.nullcontext():
+        post = model.encode(video).latent_dist
     z = post.mean
     if loss_cfg.sample_posterior:
         noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z.device, z.dtype)
@@ -148,6 +157,9 @@ class VAETrainer:
         self.planner.prime()
         model = build_autoencoder(cfg.vae, cfg.seed).to(self.device)
         model.train()
+        if cfg.vae.freeze_encoder:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("decoder."))
         exempt = no_decay_names(model)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -194,7 +206,7 @@ class VAETrainer:
                 video = batch["video"].to(self.device)
                 gens = [generator(cfg.seed, "vae-post", mi, j) for mi, j in plan.sample_keys(info.rank, info.world)]
                 with self._autocast():
-                    loss, p = vae_loss(self.model, video, gens, cfg.loss)
+                    loss, p = vae_loss(self.model, video, gens, cfg.loss, cfg.vae.freeze_encoder)
                 (loss / accum).backward()
                 parts.append(torch.stack([loss.detach().float(), p["recon"].float(), p["kl"].float()]))
                 if m < accum - 1:
@@ -261,6 +273,13 @@ class VAETrainer:
             lat.append(self.model.encode(video).latent_dist.mean.float().cpu())
         return LatentNorm.estimate(torch.cat(lat))
 
+    def _pretrained_norm(self) -> Any:
+        """The latent normalisation stored with ``vae.pretrained`` (the identity when it has none)."""
+        from m4v.models.vae import NORM_CONFIG_KEY, LatentNorm
+
+        stored = getattr(self.model, "config", {}).get(NORM_CONFIG_KEY)
+        return LatentNorm.from_dict(stored) if stored is not None else LatentNorm()
+
     def export(self, folder: str | Path) -> Path:
         """A VideoVAE folder (EMA weights when enabled) with the estimated latent normalisation (collective)."""
         from diffusers import AutoencoderKLLTXVideo
@@ -271,7 +290,7 @@ class VAETrainer:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ema is not None:
             full = {**full, **self.ema.full_state_dict()}
-        norm = self.estimate_norm()
+        norm = self._pretrained_norm() if self.cfg.vae.freeze_encoder else self.estimate_norm()
         if self.info.is_main:
             cfg = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
             m = AutoencoderKLLTXVideo.from_config(cfg)
