@@ -7,12 +7,22 @@ Token counts are those of the paper's sequences: 3968 = first frame + text, 1188
 frames, 15488 = last step at 241 frames, 65536 = a long sequence.
 
     PYTHONPATH=. python benchmarks/bench_layers.py --out benchmarks/results/layers.json
+    PYTHONPATH=. python benchmarks/bench_layers.py --tokens 3968 15488 --compile default reduce-overhead
+
+The MM-DiM layer reads its re-composition plan (gather indices of the scan path, text placement, registers)
+from a SequenceContext built once per forward pass and shared by every block; here it is built once per
+sequence, like the attention layer's RoPE tables, and its build time is reported as its own row
+("plan build", host time, once per forward and scan path). ``--compile MODE ...`` adds rows for
+``torch.compile(layer, mode=MODE)`` of the attention layer and the MM-DiM layers (Triton SSD), at the token
+counts of ``--compile-tokens``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -50,6 +60,16 @@ class AttentionMixer(nn.Module):
         return self.out(o.transpose(1, 2).flatten(2))
 
 
+def measure(layer: str, tokens: int, fwd, grad: torch.Tensor) -> dict:  # noqa: ANN001
+    """fwd ms, fwd+bwd ms and peak GiB of one layer function, or the first line of its error."""
+    try:
+        fb = lambda: fwd().backward(grad)  # noqa: E731
+        return dict(layer=layer, tokens=tokens, fwd_ms=bench(fwd), fwd_bwd_ms=bench(fb),
+                    peak_gib_fwd_bwd=peak_memory(fb))
+    except RuntimeError as e:
+        return dict(layer=layer, tokens=tokens, error=str(e).splitlines()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -58,6 +78,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=30)
     ap.add_argument("--ssd-backends", nargs="+", default=["triton", "torch"])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                    help="torch.compile modes to time as well (default, reduce-overhead, max-autotune-no-cudagraphs)")
+    ap.add_argument("--compile-tokens", type=int, nargs="+", default=[3968, 15488])
     args = ap.parse_args()
     dev = torch.device(args.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -91,32 +114,54 @@ def main() -> None:
             except RuntimeError as e:
                 rows.append(dict(layer=name, tokens=L + nv, error=str(e).splitlines()[0]))
         mask = torch.ones(1, L, dtype=torch.bool, device=dev)
+        ctx = SequenceContext(mask, sizes, axes, 10000.0)
+        t0 = time.perf_counter()
+        ctx.prepare({1}, attention=False)
+        rows.append(dict(layer="mmdim plan build (host)", tokens=L + nv, fwd_ms=1e3 * (time.perf_counter() - t0)))
+        timed = {}  # name -> forward function, also used by --compile
         for ssd_backend in args.ssd_backends:
             if ssd_backend not in list_ssd_backends():
                 continue
-            import os
-
             os.environ["M4V_SSD_BACKEND"] = ssd_backend
             for name, block in mixers.items():
                 def fwd(block=block):  # noqa: ANN001, ANN202
-                    ctx = SequenceContext(mask, sizes, axes, 10000.0)
                     return block.mix(x, ctx)
 
-                try:
-                    rows.append(dict(layer=f"{name}/{ssd_backend}", tokens=L + nv, fwd_ms=bench(fwd),
-                                     fwd_bwd_ms=bench(lambda fwd=fwd: fwd().backward(grad)),
-                                     peak_gib_fwd_bwd=peak_memory(lambda fwd=fwd: fwd().backward(grad))))
-                except RuntimeError as e:
-                    rows.append(dict(layer=f"{name}/{ssd_backend}", tokens=L + nv, error=str(e).splitlines()[0]))
+                timed[f"{name}/{ssd_backend}"] = fwd
+                rows.append(measure(f"{name}/{ssd_backend}", L + nv, fwd, grad))
             os.environ.pop("M4V_SSD_BACKEND", None)
+        if dev.type == "cuda":
+            timed["attention/cudnn"] = lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION)
+        for mode in args.compile if L + nv in args.compile_tokens else []:
+            for name, fn in timed.items():
+                if name.endswith("/torch") and dev.type == "cuda":
+                    continue
+                if "/" in name and not name.startswith("attention"):
+                    os.environ["M4V_SSD_BACKEND"] = name.split("/")[1]
+                t0 = time.perf_counter()
+                try:
+                    compiled = torch.compile(fn, mode=mode, dynamic=False)
+                    compiled().backward(grad)
+                    compile_s = time.perf_counter() - t0
+                    row = measure(f"{name} compiled:{mode}", L + nv, compiled, grad)
+                    row["compile_s"] = compile_s
+                except Exception as e:  # noqa: BLE001 - report any compile failure as a row
+                    row = dict(layer=f"{name} compiled:{mode}", tokens=L + nv, error=str(e).splitlines()[0])
+                rows.append(row)
+                print(row, flush=True)
+                write_json(args.out, dict(environment(), benchmark="mixer layers (issue 5b)", dim=D, heads=H,
+                                          rows=rows, partial=True))
+                os.environ.pop("M4V_SSD_BACKEND", None)
         torch.cuda.empty_cache()
     write_json(args.out, dict(environment(), benchmark="mixer layers (issue 5b)", dim=D, heads=H, rows=rows))
-    print(f"{'layer':<28} {'tokens':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak GiB':>9}")
+    print(f"{'layer':<40} {'tokens':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak GiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['layer']:<28} {r['tokens']:>7} error: {r['error'][:60]}")
+            print(f"{r['layer']:<40} {r['tokens']:>7} error: {r['error'][:60]}")
+        elif "fwd_bwd_ms" not in r:
+            print(f"{r['layer']:<40} {r['tokens']:>7} {r['fwd_ms']:>8.3f}")
         else:
-            print(f"{r['layer']:<28} {r['tokens']:>7} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
+            print(f"{r['layer']:<40} {r['tokens']:>7} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
                   f"{r['peak_gib_fwd_bwd']:>9.2f}")
 
 

@@ -216,3 +216,27 @@ def test_full_size_bf16():
     assert rel(out, ref) < 5e-3
     for got, want in zip(grads, ref_grads):
         assert rel(got, want) < 1e-2
+
+
+@needs_triton
+def test_custom_ops_opcheck_and_torch_compile_fullgraph():
+    """The kernels run as torch.library custom ops: opcheck (schema, fake shapes, autograd registration), and
+    torch.compile(fullgraph=True) traces the conv without a graph break, with eager's output and gradients."""
+    x, w, bias, mask, g = make_case(2, 9, 16, 4, seed=30, strided=False, masked=True, dtype=torch.float32)
+    args = (x.requires_grad_(True), w.requires_grad_(True), bias.requires_grad_(True), mask, True)
+    torch.library.opcheck(torch.ops.m4v.causal_conv1d_triton_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+    torch.library.opcheck(torch.ops.m4v.causal_conv1d_triton_bwd.default, (*(t.detach() for t in args[:3]), mask,
+                          True, g), test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+    def f(x, w, b):  # noqa: ANN001, ANN202
+        return ct.causal_conv1d_triton(x, w[:, 1:], b, "silu", mask)
+
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, bias)]
+        out = fn(*leaves)
+        out.backward(g)
+        grads.append([out.detach(), *(t.grad for t in leaves)])
+    for a, b in zip(*grads):
+        assert rel(b, a) < 1e-6

@@ -229,3 +229,23 @@ def test_full_size_bf16():
     assert rel(out, ref) < 5e-3
     for got, want in zip(grads, ref_grads):
         assert rel(got, want) < 1e-2
+
+
+@needs_triton
+def test_custom_ops_opcheck_and_torch_compile_fullgraph():
+    """The kernels run as torch.library custom ops: opcheck (schema, fake shapes, autograd registration), and
+    torch.compile(fullgraph=True) traces the norm without a graph break, with eager's output and gradients."""
+    y, z, w, g = make_case((3, 5, 24), seed=40, dtype=torch.float32)
+    y2, z2 = y.reshape(-1, 24), z.reshape(-1, 24)
+    args = (y2.requires_grad_(True), z2.requires_grad_(True), w.requires_grad_(True), 8, 1e-5)
+    torch.library.opcheck(torch.ops.m4v.gated_rms_norm_triton_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+    torch.library.opcheck(torch.ops.m4v.gated_rms_norm_triton_bwd.default,
+                          (y2.detach(), z2.detach(), w.detach(), 8, 1e-5, g.reshape(-1, 24)),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    compiled = torch.compile(nt.gated_rms_norm, backend="aot_eager", fullgraph=True)
+    out0, grads0 = run(nt.gated_rms_norm, y, z, w, g, 8)
+    out1, grads1 = run(compiled, y, z, w, g, 8)
+    assert rel(out1, out0) < 1e-6
+    for a, b in zip(grads0, grads1):
+        assert rel(b, a) < 1e-6

@@ -367,35 +367,47 @@ def _conv_backward(
     return dx, dw_part.sum(0).t(), db_part.sum(0)
 
 
-class _CausalConv1dTriton(torch.autograd.Function):
-    """Autograd wrapper: saves only the inputs; the backward kernel recomputes the pre-activation."""
+# Forward and backward run as torch.library custom ops: torch.compile sees one opaque node per call (no tracing
+# into the Triton launch), with the output shapes given by the fake implementations below.
+@torch.library.custom_op("m4v::causal_conv1d_triton_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, w4: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
+                 silu: bool) -> torch.Tensor:  # fmt: skip
+    return _conv_forward(x, w4, bias, mask, silu)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        seq_mask: torch.Tensor | None,
-        silu: bool,
-    ) -> torch.Tensor:
-        k = weight.shape[1]
-        w4 = (weight if k == TAPS else F.pad(weight, (TAPS - k, 0))).contiguous()
-        bias = None if bias is None else bias.contiguous()
-        out = _conv_forward(x, w4, bias, seq_mask, silu)
-        ctx.save_for_backward(x, w4, bias, seq_mask)
-        ctx.meta = (silu, k)
-        return out
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, w4, bias, seq_mask = ctx.saved_tensors
-        silu, k = ctx.meta
-        dx, dw, db = _conv_backward(x, w4, bias, seq_mask, silu, dout)
-        dw = dw[:, TAPS - k :].to(w4.dtype)
-        return dx, dw, None if bias is None else db.to(bias.dtype), None, None
+@_conv_fwd_op.register_fake
+def _conv_fwd_fake(x, w4, bias, mask, silu):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("m4v::causal_conv1d_triton_bwd", mutates_args=())
+def _conv_bwd_op(x: torch.Tensor, w4: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, silu: bool,
+                 dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dx [b, l, d] (x's dtype), dw [d, 4] and db [d] (accumulation dtype)."""
+    dx, dw, db = _conv_backward(x, w4, bias, mask, silu, dout)
+    return dx, dw.contiguous(), db
+
+
+@_conv_bwd_op.register_fake
+def _conv_bwd_fake(x, w4, bias, mask, silu, dout):  # type: ignore[no-untyped-def]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty(x.shape[2], TAPS, dtype=acc), x.new_empty(x.shape[2], dtype=acc)
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, w4, bias, mask, silu = inputs
+    ctx.save_for_backward(x, w4, bias, mask)
+    ctx.silu = silu
+
+
+def _conv_grad(ctx, dout):  # type: ignore[no-untyped-def]
+    """The backward kernel recomputes the pre-activation from the saved inputs."""
+    x, w4, bias, mask = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(x, w4, bias, mask, ctx.silu, dout)
+    return dx, dw.to(w4.dtype), None if bias is None else db.to(bias.dtype), None, None
+
+
+torch.library.register_autograd("m4v::causal_conv1d_triton_fwd", _conv_grad, setup_context=_conv_setup_context)
 
 
 def causal_conv1d_triton(
@@ -429,7 +441,9 @@ def causal_conv1d_triton(
     if x.stride(-1) != 1:
         x = x.contiguous()
     mask = None if seq_mask is None else seq_mask.detach()
-    return _CausalConv1dTriton.apply(x, weight, bias, mask, activation is not None)
+    k = weight.shape[1]
+    w4 = (weight if k == TAPS else F.pad(weight, (TAPS - k, 0))).contiguous()  # taps right-aligned
+    return _conv_fwd_op(x, w4, None if bias is None else bias.contiguous(), mask, activation is not None)
 
 
 __all__ = ["BWD_CONFIG", "FWD_CONFIG", "SUPPORTED_DTYPES", "causal_conv1d_triton"]

@@ -216,32 +216,44 @@ def _backward(
     return dy, dz, dw_part.sum(0)
 
 
-class _GatedRMSNormTriton(torch.autograd.Function):
-    """Autograd wrapper: saves the inputs only; the backward kernel recomputes the gate and the RMS."""
+# Forward and backward run as torch.library custom ops: torch.compile sees one opaque node per call.
+@torch.library.custom_op("m4v::gated_rms_norm_triton_fwd", mutates_args=())
+def _norm_fwd_op(y2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, group: int, eps: float) -> torch.Tensor:
+    return _forward(y2, z2, weight, group, eps)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        y: torch.Tensor,
-        z: torch.Tensor,
-        weight: torch.Tensor,
-        group: int,
-        eps: float,
-    ) -> torch.Tensor:
-        y2, z2 = _rows2d(y), _rows2d(z)
-        out = _forward(y2, z2, weight, group, eps)
-        ctx.save_for_backward(y2, z2, weight)
-        ctx.meta = (group, eps, y.shape, z.shape)
-        return out.view(y.shape)
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        y2, z2, weight = ctx.saved_tensors
-        group, eps, y_shape, z_shape = ctx.meta
-        dy, dz, dw = _backward(y2, z2, weight, group, eps, _rows2d(dout))
-        return dy.view(y_shape), dz.view(z_shape), dw.to(weight.dtype), None, None
+@_norm_fwd_op.register_fake
+def _norm_fwd_fake(y2, z2, weight, group, eps):  # type: ignore[no-untyped-def]
+    return y2.new_empty(y2.shape)
+
+
+@torch.library.custom_op("m4v::gated_rms_norm_triton_bwd", mutates_args=())
+def _norm_bwd_op(y2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, group: int, eps: float,
+                 dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dy, dz [R, d] in y's / z's dtype and dweight [d] in the accumulation dtype."""
+    return _backward(y2, z2, weight, group, eps, dout)
+
+
+@_norm_bwd_op.register_fake
+def _norm_bwd_fake(y2, z2, weight, group, eps, dout):  # type: ignore[no-untyped-def]
+    return y2.new_empty(y2.shape), z2.new_empty(z2.shape), y2.new_empty(y2.shape[1], dtype=_acc(y2.dtype)[1])
+
+
+def _norm_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    y2, z2, weight, group, eps = inputs
+    ctx.save_for_backward(y2, z2, weight)
+    ctx.meta = (group, eps)
+
+
+def _norm_grad(ctx, dout):  # type: ignore[no-untyped-def]
+    """The backward kernel recomputes the gate and the RMS from the saved inputs."""
+    y2, z2, weight = ctx.saved_tensors
+    group, eps = ctx.meta
+    dy, dz, dw = _norm_bwd_op(y2, z2, weight, group, eps, _rows2d(dout))
+    return dy, dz, dw.to(weight.dtype), None, None
+
+
+torch.library.register_autograd("m4v::gated_rms_norm_triton_fwd", _norm_grad, setup_context=_norm_setup_context)
 
 
 def gated_rms_norm(
@@ -264,7 +276,7 @@ def gated_rms_norm(
         raise ValueError(f"y and z must be bfloat16, float16, float32 or float64, got {y.dtype} and {z.dtype}.")
     if not (y.is_cuda or _interpreting()):
         raise ValueError("y must be a CUDA tensor for the Triton norm (or set TRITON_INTERPRET=1 to run on CPU).")
-    return _GatedRMSNormTriton.apply(y, z, weight.contiguous(), group_size, float(eps))
+    return _norm_fwd_op(_rows2d(y), _rows2d(z), weight.contiguous(), group_size, float(eps)).view(y.shape)
 
 
 __all__ = ["BWD_CONFIG", "FWD_CONFIG", "SUPPORTED_DTYPES", "gated_rms_norm"]

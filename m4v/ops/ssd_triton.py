@@ -17,81 +17,134 @@ SSDOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class _SSDTriton(torch.autograd.Function):
-    """Autograd wrapper: forward saves dt/acum and the chunk-entering states; backward runs the kernels."""
+def _maybe(t: torch.Tensor) -> torch.Tensor | None:
+    """None for the empty 1-d tensor that stands for "no tensor" in the custom ops' outputs (never None)."""
+    return None if t.numel() == 0 and t.dim() == 1 else t
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        dt: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        dt_bias: torch.Tensor | None,
-        initial_state: torch.Tensor | None,
-        dt_softplus: bool,
-        chunk_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, l, h, p = x.shape
-        n = B.shape[3]
-        q = chunk_size
-        nc = -(-l // q)
-        Bx = B if B.dtype == x.dtype else B.to(x.dtype)
-        Cx = C if C.dtype == x.dtype else C.to(x.dtype)
-        init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-        dtp, acum = launch.dt_forward(dt, dt_bias, A, dt_softplus, q, nc)
-        states = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
-        launch.chunk_states(x, Bx, dtp, acum, states, 0, q)
-        launch.state_forward(states, acum, init, q)
-        out, ypre = launch.chunk_scan_forward(x, z, Bx, Cx, dtp, acum, states, D, q)
-        ctx.save_for_backward(x, dt, A, Bx, Cx, D, z, dt_bias, dtp, acum, states, ypre)
-        ctx.meta = (dt_softplus, q, initial_state is not None, B.dtype, C.dtype)
-        ctx.set_materialize_grads(False)
-        return out, states[:, nc].clone()
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor | None, dfinal: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre = ctx.saved_tensors
-        dt_softplus, q, has_init, b_dtype, c_dtype = ctx.meta
-        b, l, h, p = x.shape
-        n = B.shape[3]
-        nc = dtp.shape[2] // q
-        if dout is None:
-            dout = torch.zeros_like(x)
-        dz = None
-        if z is not None:
-            dy, dz = launch.gate_backward(dout, z, ypre)
-        else:
-            dy = dout if dout.dtype == x.dtype else dout.to(x.dtype)
-        dstates = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
-        launch.chunk_states(dy, C, dtp, acum, dstates, 1, q)
-        dfin = None if dfinal is None else dfinal.to(torch.float32).contiguous()
-        dinit, e = launch.state_backward(dstates, states, acum, dfin, has_init, q)
-        cols = launch.bwd_cols(x, B, C, dy, dtp, acum, dstates, D, q)
-        dC, qv = launch.bwd_rows(x, B, C, dy, dtp, acum, states, q)
-        ddt_raw, dA = launch.dt_backward(dt, dt_bias, A, dt_softplus, dtp, cols, qv, e, q)
-        dx, dB, dD = cols.dx, cols.db, cols.dd
-        d_bias = ddt_raw.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
-        if dD is not None and D is not None:
-            dD = (dD.sum(-1) if D.dim() == 1 else dD).to(D.dtype)
-        return (
-            dx,
-            ddt_raw.to(dt.dtype),
-            dA.to(A.dtype),
-            dB.to(b_dtype),
-            dC.to(c_dtype),
-            dD,
-            dz,
-            d_bias,
-            dinit if has_init else None,
-            None,
-            None,
-        )
+# The kernels run inside two torch.library custom ops (forward and backward), so that torch.compile treats the
+# scan as one opaque node with known output shapes instead of tracing into the Triton launches.
+@torch.library.custom_op("m4v::ssd_triton_fwd", mutates_args=())
+def _ssd_fwd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, final state, dt processed, in-chunk cumsum of dt A, chunk-entering states, pre-gate output)."""
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    q = chunk_size
+    nc = -(-l // q)
+    init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    dtp, acum = launch.dt_forward(dt, dt_bias, A, dt_softplus, q, nc)
+    states = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
+    launch.chunk_states(x, B, dtp, acum, states, 0, q)
+    launch.state_forward(states, acum, init, q)
+    out, ypre = launch.chunk_scan_forward(x, z, B, C, dtp, acum, states, D, q)
+    return out, states[:, nc].clone(), dtp, acum, states, ypre if ypre is not None else x.new_empty(0)
+
+
+@_ssd_fwd.register_fake
+def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):  # type: ignore[no-untyped-def]
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    nc = -(-l // chunk_size)
+    f32 = torch.float32
+    dtp = x.new_empty(b, h, nc * chunk_size, dtype=f32)
+    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=f32), dtp, torch.empty_like(dtp),
+            x.new_empty(b, nc + 1, h, p, n, dtype=f32), x.new_empty(b, l, h, p) if z is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("m4v::ssd_triton_bwd", mutates_args=())
+def _ssd_bwd(
+    dout: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dtp: torch.Tensor,
+    acum: torch.Tensor,
+    states: torch.Tensor,
+    ypre: torch.Tensor,
+    dt_softplus: bool,
+    chunk_size: int,
+    has_init: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (x, dt raw, A, B, C, D, z, dt_bias, initial state) in fp32 (x: x's dtype); empty when absent."""
+    q = chunk_size
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    nc = dtp.shape[2] // q
+    dz = None
+    if z is not None:
+        dy, dz = launch.gate_backward(dout, z, ypre)
+    else:
+        dy = dout if dout.dtype == x.dtype else dout.to(x.dtype)
+    dstates = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
+    launch.chunk_states(dy, C, dtp, acum, dstates, 1, q)
+    dfin = None if dfinal is None else dfinal.to(torch.float32).contiguous()
+    dinit, e = launch.state_backward(dstates, states, acum, dfin, has_init, q)
+    cols = launch.bwd_cols(x, B, C, dy, dtp, acum, dstates, D, q)
+    dC, qv = launch.bwd_rows(x, B, C, dy, dtp, acum, states, q)
+    ddt_raw, dA = launch.dt_backward(dt, dt_bias, A, dt_softplus, dtp, cols, qv, e, q)
+    d_bias = ddt_raw.sum((0, 1)) if dt_bias is not None else None
+    dD = cols.dd
+    if dD is not None and D is not None and D.dim() == 1:
+        dD = dD.sum(-1)
+    grads = (cols.dx, ddt_raw, dA, cols.db, dC, dD if D is not None else None, dz, d_bias, dinit if has_init else None)
+    return tuple(x.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
+
+
+@_ssd_bwd.register_fake
+def _ssd_bwd_fake(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, chunk_size,
+                  has_init):  # type: ignore[no-untyped-def]  # fmt: skip
+    f32 = torch.float32
+    b, l, h, p = x.shape
+    return (x.new_empty(x.shape), dt.new_empty(dt.shape, dtype=f32), A.new_empty(A.shape, dtype=f32),
+            B.new_empty(B.shape, dtype=f32), C.new_empty(C.shape, dtype=f32),
+            D.new_empty(D.shape, dtype=f32) if D is not None else x.new_empty(0),
+            z.new_empty(z.shape) if z is not None else x.new_empty(0),
+            dt_bias.new_empty(dt_bias.shape, dtype=f32) if dt_bias is not None else x.new_empty(0),
+            x.new_empty(b, h, p, B.shape[3], dtype=f32) if has_init else x.new_empty(0))
+
+
+def _ssd_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size = inputs
+    _, _, dtp, acum, states, ypre = output
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre)
+    ctx.meta = (dt_softplus, chunk_size, initial_state is not None)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (dt, A, B, C, D, dt_bias))
+    ctx.set_materialize_grads(False)
+
+
+def _ssd_backward(ctx, dout, dfinal, *_unused):  # type: ignore[no-untyped-def]
+    x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre = ctx.saved_tensors
+    dt_softplus, q, has_init = ctx.meta
+    if dout is None:
+        dout = torch.zeros_like(x)
+    grads = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, q, has_init)
+    dx, ddt, dA, dB, dC, dD, dz, d_bias, dinit = (_maybe(g) for g in grads)
+    t_dt, t_A, t_B, t_C, t_D, t_bias = ctx.dtypes
+    cast = lambda g, dt_: None if g is None else g.to(dt_)  # noqa: E731
+    return (dx, cast(ddt, t_dt), cast(dA, t_A), cast(dB, t_B), cast(dC, t_C), cast(dD, t_D), dz,
+            cast(d_bias, t_bias), dinit, None, None)
+
+
+torch.library.register_autograd("m4v::ssd_triton_fwd", _ssd_backward, setup_context=_ssd_setup_context)
 
 
 def _check(
@@ -157,7 +210,9 @@ def ssd_triton(
     # strided views (slices of the fused in_proj output) crashed a kernel on the H100: pass dense tensors
     x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
     z = z.contiguous() if z is not None else None
-    y, final_state = _SSDTriton.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size)
+    # B and C enter the kernels in x's dtype; their gradients come back in their own dtypes (autograd of .to)
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    y, final_state, *_ = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size)
     return (y, final_state) if return_final_state else y
 
 
