@@ -283,6 +283,28 @@ def test_torch_compile_fullgraph_matches_eager(tuning):
         assert rel(g1[k], g0[k]) < 1e-6, k
 
 
+def test_small_problems_skip_block_tuning(tuning, monkeypatch):
+    """Below min_tune_elements the first block config is used untimed (timing compiles every config); above it
+    the tuner picks, once per key."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_TUNED", {})
+    timed = []
+
+    def fake_tune(full, cfgs, run):  # noqa: ANN001, ANN202
+        timed.append(full)
+        return cfgs[-1]
+
+    monkeypatch.setattr(launch, "_tune", fake_tune)
+    tuning["autotune"] = True
+    cfgs = [{"BM": 64, "num_warps": 4}, {"BM": 32, "num_warps": 8}]
+    limit = tuning["min_tune_elements"]
+    assert launch._pick("scan", ("k",), cfgs, 64, None, limit - 1) == cfgs[0]
+    assert timed == []
+    assert launch._pick("scan", ("k",), cfgs, 64, None, limit) == cfgs[1]
+    assert launch._pick("scan", ("k",), cfgs, 64, None, 4 * limit) == cfgs[1]
+    assert len(timed) == 1
+
+
 def test_chunked_reference_matches_sequential():
     """The chunked float64 reference used by the GPU tests agrees with the step-by-step recurrence."""
     args = {k: (None if v is None else v.double()) for k, v in make_inputs(2, 37, 4, 2, 8, 8, device="cpu").items()}

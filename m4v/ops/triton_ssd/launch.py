@@ -1,7 +1,10 @@
 """Launchers of the SSD Triton kernels (paper Sec. 3.3): buffers, grids, block sizes and a small tuner.
 
 Block shapes are picked per problem key by timing a few configurations once (``TUNING["autotune"]``,
-env M4V_SSD_TRITON_TUNE=0 turns it off); under TRITON_INTERPRET=1 fixed small blocks are used.
+env M4V_SSD_TRITON_TUNE=0 turns it off); under TRITON_INTERPRET=1 fixed small blocks are used. Problems
+smaller than ``TUNING["min_tune_elements"]`` (x elements) take the first configuration untimed: timing means
+compiling every configuration (on the H100, the first full_temp step of the shipped 128x128 model spent
+117 s there), which a scan of a few hundred tokens never pays back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ TUNING: dict[str, object] = {
     "autotune": os.environ.get("M4V_SSD_TRITON_TUNE", "1") != "0",
     "min_programs": None,  # head-split target for the backward; None: 4 x multiprocessors (1 when interpreting)
     "interpret_block": 16,  # row / key block under TRITON_INTERPRET=1
+    "min_tune_elements": 1 << 21,  # smaller problems (b * l * h * p) use the first configuration untimed
 }
 
 _STATE_CFGS: list[Config] = [
@@ -91,17 +95,22 @@ def _bench_ms(fn: Callable[[], None]) -> float:
     return float(res[0] if isinstance(res, (list, tuple)) else res)
 
 
-def _pick(name: str, key: tuple, cfgs: list[Config], q: int, run: Callable[[Config], None]) -> Config:
+def _pick(
+    name: str, key: tuple, cfgs: list[Config], q: int, run: Callable[[Config], None], elements: int
+) -> Config:
     """Block config for a problem key: fixed small blocks when interpreting, the first config when not
-    tuning, else the fastest of ``cfgs`` (timed once per key, cached)."""
+    tuning or for a problem of fewer than ``min_tune_elements`` x elements, else the fastest of ``cfgs``
+    (timed once per key, cached)."""
     if interpreting():
         b = int(TUNING["interpret_block"])  # type: ignore[arg-type]
         return {k: (b if k in ("BK", "BM", "BN") else v) for k, v in cfgs[0].items()}
-    full = (name, q, *key)
+    small = elements < int(TUNING["min_tune_elements"])  # type: ignore[call-overload]
+    full = (name, q, small, *key)
     cfg = _TUNED.get(full)
     if cfg is None:
         fitted = _fit(cfgs, q)
-        cfg = fitted[0] if not TUNING["autotune"] or len(fitted) == 1 else _tune(full, fitted, run)
+        tune = TUNING["autotune"] and not small and len(fitted) > 1
+        cfg = _tune(full, fitted, run) if tune else fitted[0]
         _TUNED[full] = cfg
     return cfg
 
@@ -179,7 +188,7 @@ def chunk_states(
             MODE=mode, Q=q, BK=cfg["BK"], BP=bp, BN=bk, PREC=_prec(u.dtype), **_launch_opts(cfg),
         )  # fmt: skip
 
-    cfg = _pick("state", (mode, p, n, u.dtype, l > 8192), _STATE_CFGS, q, run)
+    cfg = _pick("state", (mode, p, n, u.dtype, l > 8192), _STATE_CFGS, q, run, u.numel())
     run(cfg)
 
 
@@ -244,7 +253,7 @@ def chunk_scan_forward(
             Q=q, BP=_pow2(p), BK=_pow2(n), PREC=_prec(x.dtype), **_blocks(cfg), **_launch_opts(cfg),
         )  # fmt: skip
 
-    cfg = _pick("scan", (p, n, x.dtype, z is not None, l > 8192), _SCAN_CFGS, q, run)
+    cfg = _pick("scan", (p, n, x.dtype, z is not None, l > 8192), _SCAN_CFGS, q, run, x.numel())
     run(cfg)
     return out, ypre
 
@@ -304,7 +313,7 @@ def bwd_cols(
         )  # fmt: skip
         return rs, dd
 
-    cfg = _pick("cols", (p, n, x.dtype, hpg, ns, D is not None, l > 8192), _BWD_CFGS, q, run)
+    cfg = _pick("cols", (p, n, x.dtype, hpg, ns, D is not None, l > 8192), _BWD_CFGS, q, run, x.numel())
     rs, dd = run(cfg)
     db_sum = db[0] if ns == 1 else db.sum(0)
     return ColsGrads(dx, ddt, db_sum, dd.sum((0, 1)) if dd is not None else None, cs, rs, part)
@@ -333,7 +342,7 @@ def bwd_rows(
             HPS=hpg // ns, Q=q, BP=_pow2(p), BK=_pow2(n), PREC=_prec(x.dtype), **_blocks(cfg), **_launch_opts(cfg),
         )  # fmt: skip
 
-    cfg = _pick("rows", (p, n, x.dtype, hpg, ns, l > 8192), _BWD_CFGS, q, run)
+    cfg = _pick("rows", (p, n, x.dtype, hpg, ns, l > 8192), _BWD_CFGS, q, run, x.numel())
     run(cfg)
     return (dc[0] if ns == 1 else dc.sum(0)), qv
 
