@@ -107,7 +107,7 @@ def main() -> None:
     if args.out:
         write_json(args.out, result)
     head = ("| variant | colour | shape | motion | size | count | flickering | params | mixer GFLOPs | steps "
-            "| s/step (5 side by side, H100) |")
+            "| s/step (side by side, H100) |")
     cpu = " CPU s/call |" if args.cpu_timing else ""
     print(head + cpu)
     print("|" + " --- |" * (head.count("|") - 1 + (1 if cpu else 0)))

@@ -87,3 +87,21 @@ def test_no_frame_sees_a_later_one():
         out = tb(h2, sizes)
         assert torch.equal(out[:, : offs[f]], base[:, : offs[f]]), f"frame {f} leaked into earlier frames"
         assert not torch.allclose(out[:, offs[f] :], base[:, offs[f] :]), "a frame must influence itself"
+
+
+def test_single_frame_shortcut_matches_folded_path_with_gradients():
+    """A first frame (no history) takes the value-projection shortcut: same output and gradients as the folded
+    attention it replaces (softmax over one key is 1; q and k get zero gradient either way)."""
+    torch.manual_seed(2)
+    tb = TemporalBranch(8, 2).double()
+    h = torch.randn(2, 4 * 6, 8, dtype=torch.float64)
+    results = []
+    for fn in (tb, tb.folded):
+        tb.zero_grad()
+        x = h.clone().requires_grad_(True)
+        out = fn(x, [(4, 6)])
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad, tb.qkv.weight.grad.clone(), tb.qkv.bias.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert results[0][2][:16].abs().max() == 0  # q and k rows

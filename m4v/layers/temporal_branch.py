@@ -66,6 +66,15 @@ class TemporalBranch(nn.Module):
 
     def forward(self, h: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """h [B, Nv, D] visual tokens of frames with token grids ``sizes`` (time order, current last)."""
+        if len(sizes) == 1:
+            # No history: the current frame is one folded token (K_s = 1) that attends only to itself, the
+            # softmax over one key is exactly 1, and the output is its value projection (the first frame).
+            D = self.dim
+            return F.linear(h, self.qkv.weight[2 * D :], None if self.qkv.bias is None else self.qkv.bias[2 * D :])
+        return self.folded(h, sizes)
+
+    def folded(self, h: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The branch as written above (pool, fold, causal attention over time, unfold), for any ``sizes``."""
         B, _, D = h.shape
         H, W = sizes[-1]
         hs = min(s[0] for s in sizes)
