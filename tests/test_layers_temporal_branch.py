@@ -101,7 +101,9 @@ def test_single_frame_shortcut_matches_folded_path_with_gradients():
         x = h.clone().requires_grad_(True)
         out = fn(x, [(4, 6)])
         out.pow(2).sum().backward()
-        results.append((out.detach(), x.grad, tb.qkv.weight.grad.clone(), tb.qkv.bias.grad.clone()))
+        grads = (tb.qkv.weight.grad.clone(), tb.qkv.bias.grad.clone(), tb.norm_q.weight.grad, tb.norm_k.weight.grad)
+        results.append((out.detach(), x.grad, *grads))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-12)
     assert results[0][2][:16].abs().max() == 0  # q and k rows
+    assert results[0][4] is not None and results[0][4].abs().max() == 0  # q/k norms: zero gradient, not None

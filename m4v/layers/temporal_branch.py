@@ -70,7 +70,13 @@ class TemporalBranch(nn.Module):
             # No history: the current frame is one folded token (K_s = 1) that attends only to itself, the
             # softmax over one key is exactly 1, and the output is its value projection (the first frame).
             D = self.dim
-            return F.linear(h, self.qkv.weight[2 * D :], None if self.qkv.bias is None else self.qkv.bias[2 * D :])
+            out = F.linear(h, self.qkv.weight[2 * D :], None if self.qkv.bias is None else self.qkv.bias[2 * D :])
+            if torch.is_grad_enabled():
+                # The folded path gives the q/k norm weights an exact zero gradient. Keep them in the graph so
+                # that the optimizer treats them as before (Adam state, step count, weight decay) and
+                # checkpoints hold optimizer state for every parameter after image-only steps.
+                out = out + 0.0 * (self.norm_q.weight.sum() + self.norm_k.weight.sum())
+            return out
         return self.folded(h, sizes)
 
     def folded(self, h: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
