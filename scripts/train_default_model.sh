@@ -13,6 +13,8 @@
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
 # no_recomposition, no_registers, no_temporal (VARIANTS="full_temp full_attn" picks some). EXTRA="--set K=V ..."
 # is added to every train command, EVAL_ARGS to every eval; SAMPLES sets the number of prepared clips.
+# FROM=DIR continues each variant from DIR/transformer_VARIANT (the EMA weights an earlier train phase brought
+# back; model.pretrained, whose config then replaces the overrides), so steps add up over several GPU sessions.
 # Everything a phase reports (logs, metrics, eval JSON, the float16 EMA transformers of the variants in KEEP,
 # default "full_temp full_attn") is packed into $OUT/PHASE.tar* when it ends, also when it fails. The shipped
 # pipeline is then assembled where the files land:
@@ -46,7 +48,8 @@ side_by_side() {  # side_by_side SHARDS ARGS...: train every variant at once, on
   for v in "${VARIANTS[@]}"; do
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 $M4V train --config $CFG --output-dir "runs/ms_$v" --resume none --set "data.source=$shards" \
-      --set "vae=$VAE" ${SET[$v]} ${EXTRA:-} "$@" >"$W/train_$v.log" 2>&1 &
+      --set "vae=$VAE" ${SET[$v]} ${EXTRA:-} ${FROM:+--set model.pretrained=$FROM/transformer_$v} "$@" \
+      >"$W/train_$v.log" 2>&1 &
   done
   wait
   for v in "${VARIANTS[@]}"; do
