@@ -118,7 +118,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ctx.prepare({1}, attention=False)
         rows.append(dict(layer="mmdim plan build (host)", tokens=L + nv, fwd_ms=1e3 * (time.perf_counter() - t0)))
-        timed = {}  # name -> forward function, also used by --compile
+        timed = {}  # name -> (forward function, SSD backend or None), also used by --compile
         for ssd_backend in args.ssd_backends:
             if ssd_backend not in list_ssd_backends():
                 continue
@@ -127,17 +127,17 @@ def main() -> None:
                 def fwd(block=block):  # noqa: ANN001, ANN202
                     return block.mix(x, ctx)
 
-                timed[f"{name}/{ssd_backend}"] = fwd
+                timed[f"{name}/{ssd_backend}"] = (fwd, ssd_backend)
                 rows.append(measure(f"{name}/{ssd_backend}", L + nv, fwd, grad))
             os.environ.pop("M4V_SSD_BACKEND", None)
         if dev.type == "cuda":
-            timed["attention/cudnn"] = lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION)
+            timed["attention/cudnn"] = (lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION), None)
         for mode in args.compile if L + nv in args.compile_tokens else []:
-            for name, fn in timed.items():
-                if name.endswith("/torch") and dev.type == "cuda":
+            for name, (fn, ssd_backend) in timed.items():
+                if ssd_backend == "torch" and dev.type == "cuda":
                     continue
-                if "/" in name and not name.startswith("attention"):
-                    os.environ["M4V_SSD_BACKEND"] = name.split("/")[1]
+                if ssd_backend is not None:
+                    os.environ["M4V_SSD_BACKEND"] = ssd_backend
                 t0 = time.perf_counter()
                 try:
                     compiled = torch.compile(fn, mode=mode, dynamic=False)

@@ -214,6 +214,12 @@ class _CausalStream:
                 del m.forward
 
 
+def stored_latent_norm(model: Any) -> LatentNorm:
+    """The normalisation saved in an ``AutoencoderKLLTXVideo``'s config.json (the identity when it has none)."""
+    stored = model.config.get(NORM_CONFIG_KEY)
+    return LatentNorm.from_dict(stored) if stored is not None else LatentNorm()
+
+
 class VideoVAE(nn.Module):
     """Frozen causal video VAE with PyramidFlow latent normalisation and exact chunked encode/decode."""
 
@@ -238,8 +244,7 @@ class VideoVAE(nn.Module):
         self.model = model
         self.model.eval().requires_grad_(False)
         if latent_norm is None:
-            stored = cfg.get(NORM_CONFIG_KEY)
-            latent_norm = LatentNorm.from_dict(stored) if stored is not None else LatentNorm()
+            latent_norm = stored_latent_norm(model)
         self.model.register_to_config(**{NORM_CONFIG_KEY: latent_norm.to_dict()})
         self.latent_norm = latent_norm
         self.encode_chunk_latents = encode_chunk_latents

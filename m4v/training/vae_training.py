@@ -125,14 +125,10 @@ def build_autoencoder(cfg: VAEModelConfig, seed: int) -> Any:
 
 
 def vae_loss(
-    model: Any, video: torch.Tensor, gens: list[torch.Generator], loss_cfg: VAELossConfig, frozen_encoder: bool = False
+    model: Any, video: torch.Tensor, gens: list[torch.Generator], loss_cfg: VAELossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(recon + kl_weight * KL, parts) for video [B, 3, F, H, W] in [-1, 1]; per-sample posterior noise.
-
-    ``frozen_encoder``: the encoder runs without autograd (decoder-only fine-tuning; the KL is then constant).
-    """
-    with torch.no_grad() if frozen_encoder else contextlib.nullcontext():
-        post = model.encode(video).latent_dist
+    """(recon + kl_weight * KL, parts) for video [B, 3, F, H, W] in [-1, 1]; per-sample posterior noise."""
+    post = model.encode(video).latent_dist  # no autograd graph when the encoder is frozen (requires_grad off)
     z = post.mean
     if loss_cfg.sample_posterior:
         noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z.device, z.dtype)
@@ -206,7 +202,7 @@ class VAETrainer:
                 video = batch["video"].to(self.device)
                 gens = [generator(cfg.seed, "vae-post", mi, j) for mi, j in plan.sample_keys(info.rank, info.world)]
                 with self._autocast():
-                    loss, p = vae_loss(self.model, video, gens, cfg.loss, cfg.vae.freeze_encoder)
+                    loss, p = vae_loss(self.model, video, gens, cfg.loss)
                 (loss / accum).backward()
                 parts.append(torch.stack([loss.detach().float(), p["recon"].float(), p["kl"].float()]))
                 if m < accum - 1:
@@ -273,13 +269,6 @@ class VAETrainer:
             lat.append(self.model.encode(video).latent_dist.mean.float().cpu())
         return LatentNorm.estimate(torch.cat(lat))
 
-    def _pretrained_norm(self) -> Any:
-        """The latent normalisation stored with ``vae.pretrained`` (the identity when it has none)."""
-        from m4v.models.vae import NORM_CONFIG_KEY, LatentNorm
-
-        stored = getattr(self.model, "config", {}).get(NORM_CONFIG_KEY)
-        return LatentNorm.from_dict(stored) if stored is not None else LatentNorm()
-
     def export(self, folder: str | Path) -> Path:
         """A VideoVAE folder (EMA weights when enabled) with the estimated latent normalisation (collective)."""
         from diffusers import AutoencoderKLLTXVideo
@@ -290,7 +279,10 @@ class VAETrainer:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ema is not None:
             full = {**full, **self.ema.full_state_dict()}
-        norm = self._pretrained_norm() if self.cfg.vae.freeze_encoder else self.estimate_norm()
+        from m4v.models.vae import stored_latent_norm
+
+        # a frozen encoder keeps the pretrained VAE's latent space, so its stored normalisation too
+        norm = stored_latent_norm(self.model) if self.cfg.vae.freeze_encoder else self.estimate_norm()
         if self.info.is_main:
             cfg = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
             m = AutoencoderKLLTXVideo.from_config(cfg)
