@@ -3,6 +3,7 @@
 ``OUT/checkpoints/step-00001000/`` holds the DCP shards (``model``, ``optim``, ``ema``), one
 ``rng-rank{r}.pt`` per rank and ``meta.json`` (written last, so a folder without it is an incomplete
 snapshot and is ignored). DCP reshards on load, so a run can resume on a different number of ranks.
+Parameters that had no optimizer state when the checkpoint was written (no gradient yet) resume without any.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from m4v.training.distributed import DistInfo, barrier
 from m4v.training.ema import EMA
@@ -60,6 +66,24 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: EMA |
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
+
+
+def _keep_saved_optim_state(state: dict[str, Any], path: Path) -> None:
+    """Drop the per-parameter optimizer entries that the checkpoint lacks entirely.
+
+    ``get_state_dict`` gives a fresh optimizer state for every parameter, while a checkpoint only holds
+    the parameters that had state (a gradient) when it was written; DCP would fail on the others.
+    """
+    if "optim" not in state:
+        return
+    try:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except OSError as e:
+        raise ValueError(f"checkpoint: {path} has no readable DCP metadata ({e}).") from e
+    per_param = state["optim"]["state"]
+    for fqn in list(per_param):
+        if not any(f"optim.state.{fqn}.{key}" in saved for key in per_param[fqn]):
+            del per_param[fqn]
 
 
 def save_checkpoint(
@@ -108,17 +132,15 @@ def load_checkpoint(
         raise ValueError(f"checkpoint: {path} is not a complete checkpoint (no {META}).")
     meta = json.loads((path / META).read_text())
     state = _state(model, optimizer, ema)
+    _keep_saved_optim_state(state, path)
     ctx = _quiet()
     try:
         dcp.load(state, checkpoint_id=str(path))
     finally:
         ctx.__exit__(None, None, None)
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:  # not strict: parameters left without state above stay without it
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
     if ema is not None:
         ema.load_state_dict(state["ema"])
     rng_file = path / f"rng-rank{info.rank}.pt"
