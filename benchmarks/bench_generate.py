@@ -5,14 +5,17 @@ Random weights at the ``m4v-768p`` config (2.2B), bf16, PyramidFlow's schedule: 
 The transformer's time depends only on the input shapes, so every distinct (frame, stage) shape of the
 autoregressive schedule is run and timed (median of ``--reps`` after a warm-up) and multiplied by its
 number of steps; the sum is the generation's transformer time, the VAE decode of the whole video is
-timed once.  ``--full-run`` instead runs the real loop end to end (slower; use for short videos).
+timed once.  ``--attention sdpa,flex`` times each attention backend (``M4V_ATTENTION``: dense-mask SDPA or
+FlexAttention's block-sparse temporal-causal mask) per layout; each JSON row records its backend.
 
     PYTHONPATH=. python benchmarks/bench_generate.py --out benchmarks/results/generate.json
+    PYTHONPATH=. python benchmarks/bench_generate.py --frames 241 --attention sdpa,flex
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,6 +24,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import bench, environment, write_json  # noqa: E402
 
+from m4v.layers.attention import attention_backend  # noqa: E402
 from m4v.models import M4VTransformer, named_config  # noqa: E402
 from m4v.schedulers import temporal_pyramid_history  # noqa: E402
 
@@ -50,8 +54,15 @@ def transformer_time(model, num_frames: int, h: int, w: int, reps: int, text_len
         with torch.no_grad():
             ms = bench(lambda: model(x, t, txt, pooled, mask, history=hist), warmup=1, rep=reps)
         total_ms += steps * ms
-        per_shape.append(dict(frame=n, stage=stage, steps=steps, ms=ms, tokens=text_len + sum(
-            (a.shape[-2] // 2) * (a.shape[-1] // 2) for a in [*hist, x])))
+        per_shape.append(
+            dict(
+                frame=n,
+                stage=stage,
+                steps=steps,
+                ms=ms,
+                tokens=text_len + sum((a.shape[-2] // 2) * (a.shape[-1] // 2) for a in [*hist, x]),
+            )
+        )
     return dict(transformer_s=total_ms / 1e3, per_shape=per_shape)
 
 
@@ -70,6 +81,14 @@ def vae_time(num_frames: int, h: int, w: int) -> dict:
     return dict(vae_decode_s=time.perf_counter() - t0, vae_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
+def backends(text: str) -> list[str]:
+    """Parse ``--attention``: a comma list of attention backends (sdpa, flex)."""
+    try:
+        return [attention_backend(name.strip()) for name in text.split(",") if name.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("M4V_ATTENTION", "--attention")) from e
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -81,6 +100,7 @@ def main() -> None:
     ap.add_argument("--vae", action="store_true", help="also time the paper-scale VAE decode")
     ap.add_argument("--config", default="m4v-768p")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--attention", type=backends, default=["sdpa"], help="comma list of sdpa, flex (default sdpa)")
     args = ap.parse_args()
     h, w = args.height // 8, args.width // 8
     rows = []
@@ -88,28 +108,41 @@ def main() -> None:
         with torch.device(args.device):
             model = M4VTransformer(**named_config(args.config, layout=layout))
         model = model.to(torch.bfloat16 if args.device.startswith("cuda") else torch.float32).eval()
-        for nf in args.frames:
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            r = transformer_time(model, nf, h, w, args.reps)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-            r.update(layout=layout, frames=nf, peak_gib=peak)
-            rows.append(r)
-            write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows))
-            print(f"{layout:<10} {nf:>4} frames: transformer {r['transformer_s']:8.1f} s  peak {r['peak_gib']:.1f} GiB",
-                  flush=True)
+        for attn in args.attention:
+            os.environ["M4V_ATTENTION"] = attn  # read by every forward's SequenceContext
+            for nf in args.frames:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                r = transformer_time(model, nf, h, w, args.reps)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+                r.update(layout=layout, attention=attn, frames=nf, peak_gib=peak)
+                rows.append(r)
+                write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows))
+                print(
+                    f"{layout:<10} {attn:<5} {nf:>4} frames: transformer {r['transformer_s']:8.1f} s  "
+                    f"peak {r['peak_gib']:.1f} GiB",
+                    flush=True,
+                )
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     vae = {nf: vae_time(nf, h, w) for nf in args.frames} if args.vae else {}
     write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows, vae=vae))
-    print(f"\n{'layout':<10} {'frames':>6} {'transformer s':>14} {'peak GiB':>9}")
+    print(f"\n{'layout':<10} {'attn':<5} {'frames':>6} {'transformer s':>14} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['layout']:<10} {r['frames']:>6} {r['transformer_s']:>14.1f} {r['peak_gib']:>9.1f}")
-    for nf in args.frames:
-        t = {r["layout"]: r["transformer_s"] for r in rows if r["frames"] == nf}
-        if "full_attn" in t and "full_temp" in t:
-            print(f"speed-up full_temp vs full_attn at {nf} frames: {t['full_attn'] / t['full_temp']:.2f}x")
+        print(f"{r['layout']:<10} {r['attention']:<5} {r['frames']:>6} {r['transformer_s']:>14.1f}", end=" ")
+        print(f"{r['peak_gib']:>9.1f}")
+    for attn in args.attention:
+        for nf in args.frames:
+            t = {r["layout"]: r["transformer_s"] for r in rows if r["frames"] == nf and r["attention"] == attn}
+            if "full_attn" in t and "full_temp" in t:
+                speedup = t["full_attn"] / t["full_temp"]
+                print(f"speed-up full_temp vs full_attn at {nf} frames ({attn}): {speedup:.2f}x")
+    for layout in args.layouts:
+        for nf in args.frames:
+            t = {r["attention"]: r["transformer_s"] for r in rows if r["frames"] == nf and r["layout"] == layout}
+            if "sdpa" in t and "flex" in t:
+                print(f"speed-up flex vs sdpa for {layout} at {nf} frames: {t['sdpa'] / t['flex']:.2f}x")
     for nf, v in vae.items():
         print(f"VAE decode {nf} frames: {v['vae_decode_s']:.1f} s, peak {v['vae_peak_gib']:.1f} GiB")
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from m4v.layers.attention import QKNorm, frame_causal_mask, rope_attention
+from m4v.layers.attention import QKNorm, attention_backend, frame_causal_block_mask, frame_causal_mask, rope_attention
 from m4v.layers.embeddings import AdaLNModulation, layer_norm, modulate
 from m4v.layers.mamba2 import Mamba2Mixer
 from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement
@@ -26,7 +27,11 @@ class SequenceContext:
     rope_theta: float
     recompose_text: bool = True
     registers: bool = True
+    attention: str | None = None  # "sdpa" or "flex" (FlexAttention BlockMask); None reads M4V_ATTENTION
     _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.attention = attention_backend(self.attention)
 
     @property
     def text_len(self) -> int:
@@ -40,8 +45,11 @@ class SequenceContext:
         return self._cache["rope"]
 
     @property
-    def attn_mask(self) -> torch.Tensor | None:
-        """Temporal-causal mask over [text, frames] with text padding removed; None when nothing is masked."""
+    def attn_mask(self) -> torch.Tensor | BlockMask | None:
+        """Temporal-causal mask over [text, frames] with text padding removed; None when nothing is masked.
+
+        A dense boolean [B, 1, N, N] tensor for the ``sdpa`` backend, a FlexAttention BlockMask for ``flex``.
+        """
         if "mask" not in self._cache:
             full_text = bool(self.text_mask.all())
             if len(self.sizes) == 1 and full_text:
@@ -52,7 +60,8 @@ class SequenceContext:
                 ids += [torch.full((h * w,), f, device=dev) for f, (h, w) in enumerate(self.sizes)]
                 nv = sum(h * w for h, w in self.sizes)
                 key_valid = torch.cat([self.text_mask, self.text_mask.new_ones(self.text_mask.shape[0], nv)], 1)
-                self._cache["mask"] = frame_causal_mask(torch.cat(ids), None if full_text else key_valid)
+                build = frame_causal_block_mask if self.attention == "flex" else frame_causal_mask
+                self._cache["mask"] = build(torch.cat(ids), None if full_text else key_valid)
         return self._cache["mask"]
 
     @torch.compiler.disable
