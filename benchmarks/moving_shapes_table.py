@@ -8,6 +8,10 @@ weights of that variant (the cost does not depend on the weights). Writes JSON a
 
     python benchmarks/moving_shapes_table.py benchmarks/results/moving_shapes_h100 --train-minutes 10.5 \
         --cpu-timing --out benchmarks/results/moving_shapes_h100/table.json
+
+A run continued over several GPU sessions (``FROM=DIR`` in the script) names the folders of its earlier legs with
+``--earlier`` (their metrics files add their steps) and gives the minutes of all legs together; ``--set`` repeats
+the script's ``EXTRA`` overrides (e.g. ``--set patch_size=1``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ VARIANTS = {  # name: transformer overrides on top of configs/train_moving_shape
 ATTRIBUTES = ("colour", "shape", "motion", "size", "count", "background")
 
 
+def parse_value(text: str) -> object:
+    """A ``--set`` value as YAML would read it (int, float, bool or string)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def last_step(run: str, name: str) -> int:
+    """Steps a variant trained in one leg: the last step its metrics file logged, plus one."""
+    with open(os.path.join(run, f"metrics_{name}.csv")) as f:
+        return int(list(csv.DictReader(f))[-1]["step"]) + 1
+
+
 def variant_config(base: dict, overrides: dict) -> dict:
     """The full transformer config of a variant: the training config's model plus the variant's overrides."""
     return resolved_config(base["config"], **{**base["overrides"], **overrides})
@@ -68,7 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="folder with eval_VARIANT.json and metrics_VARIANT.csv")
     ap.add_argument("--config", default="configs/train_moving_shapes.yaml")
-    ap.add_argument("--train-minutes", type=float, required=True, help="the --time-limit each variant trained for")
+    ap.add_argument("--train-minutes", type=float, required=True,
+                    help="the --time-limit each variant trained for (all legs together)")
+    ap.add_argument("--earlier", action="append", default=[], help="folder of an earlier leg of the same run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="transformer override of every variant (the script's EXTRA)")
     ap.add_argument("--text-len", type=int, default=13,
                     help="text tokens in the mixer FLOPs (held-out prompts: 12.8 MiniLM tokens on average)")
     ap.add_argument("--cpu-timing", action="store_true")
@@ -76,6 +97,11 @@ def main() -> None:
     args = ap.parse_args()
     base = load_config(args.config).model
     base = {"config": base.config, "overrides": dict(base.overrides)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set takes KEY=VALUE, got {item!r}")
+        base["overrides"][key] = parse_value(value)
     shipped = M4VPipeline.from_pretrained(default_model_dir()) if args.cpu_timing else None
     rows = []
     for name, overrides in VARIANTS.items():
@@ -83,12 +109,10 @@ def main() -> None:
         if not os.path.exists(path):
             continue
         report = json.load(open(path))
-        with open(os.path.join(args.run, f"metrics_{name}.csv")) as f:
-            last = list(csv.DictReader(f))[-1]
         cfg = variant_config(base, overrides)
         grids = last_step_frame_grids(128, 128, 17, patch=cfg["patch_size"])
         flops = mixer_flops(cfg, grids, args.text_len)
-        steps = int(last["step"]) + 1
+        steps = sum(last_step(run, name) for run in [*args.earlier, args.run])
         row = {
             "variant": name,
             "accuracy": {k: report["accuracy"][k] for k in ATTRIBUTES},
@@ -102,12 +126,12 @@ def main() -> None:
         if args.cpu_timing:
             row["cpu_s_per_transformer_call"] = cpu_seconds_per_call(shipped, cfg, 20)
         rows.append(row)
-    result = {**environment(), "run": args.run, "train_minutes": args.train_minutes, "text_len": args.text_len,
-              "rows": rows}
+    result = {**environment(), "run": args.run, "earlier": args.earlier, "overrides": args.set,
+              "train_minutes": args.train_minutes, "text_len": args.text_len, "rows": rows}
     if args.out:
         write_json(args.out, result)
     head = ("| variant | colour | shape | motion | size | count | flickering | params | mixer GFLOPs | steps "
-            "| s/step (side by side, H100) |")
+            "| s/step (side by side) |")
     cpu = " CPU s/call |" if args.cpu_timing else ""
     print(head + cpu)
     print("|" + " --- |" * (head.count("|") - 1 + (1 if cpu else 0)))

@@ -66,7 +66,7 @@ def _corrupt_model(tmp_path):
     "extra,message",
     [
         (["--prompt-override", ""], "prompt: must be a non-empty string"),
-        (["--height", "100"], "height: 100 is not allowed; it must be a multiple of 64"),
+        (["--height", "100"], "height: 100 is not allowed; it must be a multiple of 32"),  # VAE 8 x patch 1 x 2^2
         (["--frames", "20"], "the nearest valid value is 17"),
         (["--steps", "0"], "--steps: step counts must be positive"),
         (["--steps", "-3"], "--steps"),
