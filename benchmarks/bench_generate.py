@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import bench, environment, write_json  # noqa: E402
@@ -113,14 +114,16 @@ def main() -> None:
             for nf in args.frames:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
+                graphs = counters["stats"]["unique_graphs"]
                 r = transformer_time(model, nf, h, w, args.reps)
+                r["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs  # flex recompiles show here
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                 r.update(layout=layout, attention=attn, frames=nf, peak_gib=peak)
                 rows.append(r)
                 write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows))
                 print(
                     f"{layout:<10} {attn:<5} {nf:>4} frames: transformer {r['transformer_s']:8.1f} s  "
-                    f"peak {r['peak_gib']:.1f} GiB",
+                    f"peak {r['peak_gib']:.1f} GiB  compiled graphs {r['compiled_graphs']}",
                     flush=True,
                 )
         del model

@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="3968,15488,65536", help="comma-separated sequence lengths")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--shapes", default="0,1", help="indices into SHAPES, comma-separated (0: paper, 1: g=1)")
     ap.add_argument("--torch-max-len", type=int, default=0, help="skip the torch path above this length (0: never)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip per-kernel timings")
     ap.add_argument("--profile", action="store_true", help="profile host vs device time at the first length")
@@ -302,7 +303,7 @@ def main() -> None:
         "results": [],
     }
     results = report["results"]
-    for h, g, p, n in SHAPES:
+    for h, g, p, n in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         for l in lengths:
             r = bench_shape(l, h, g, p, n, args)
             results.append(r)

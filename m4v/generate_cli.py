@@ -8,6 +8,7 @@ import sys
 import warnings
 from importlib import resources
 
+SQG_START_FRAME = 8  # M4VPipeline's default sqg_start_frame (paper E.3: from the 8th latent frame on)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -94,6 +95,23 @@ def _quiet_libraries() -> None:
         pass
 
 
+def sqg_kwargs(weight: float, start: int | None, num_latent_frames: int) -> dict:
+    """Pipeline arguments of self-quality guidance (paper E.3); a weight that could never apply is an error."""
+    if weight < 0:
+        raise ValueError(f"--self-quality-guidance: must be >= 0, got {weight}")
+    if start is not None and start < 1:
+        raise ValueError(f"--sqg-start-frame: must be at least 1 (a latent frame with history), got {start}")
+    if not weight:
+        return {}
+    start = SQG_START_FRAME if start is None else start
+    if start >= num_latent_frames:
+        raise ValueError(
+            f"--self-quality-guidance: the video has {num_latent_frames} latent frames and guidance starts at latent "
+            f"frame {start}, so it would never apply; lower --sqg-start-frame (1 .. {num_latent_frames - 1})"
+        )
+    return dict(self_quality_guidance=weight, sqg_start_frame=start)
+
+
 def _check_common(args: argparse.Namespace) -> None:
     parse_steps(args.steps, "--steps")
     if args.video_steps:
@@ -130,7 +148,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
     if len(steps) != stages:
         raise ValueError(f"--steps: give 1 or {stages} values (one per pyramid stage), got {len(steps)}")
     kwargs: dict = dict(num_inference_steps=steps, height=args.height, width=args.width, num_frames=args.frames,
-                        negative_prompt=args.negative_prompt, self_quality_guidance=args.self_quality_guidance)
+                        negative_prompt=args.negative_prompt)
+    frames = args.frames or int(pipe.default_frames)
+    kwargs.update(sqg_kwargs(args.self_quality_guidance, args.sqg_start_frame, pipe.vae.num_latent_frames(frames)))
     if args.video_steps:
         video_steps = parse_steps(args.video_steps, "--video-steps")
         video_steps = video_steps * stages if len(video_steps) == 1 else video_steps
@@ -154,7 +174,7 @@ def _load_wan(args: argparse.Namespace, pipe, device):  # noqa: ANN001, ANN202 -
                         ("--video-guidance", args.video_guidance)):
         if value is not None:
             raise ValueError(f"{flag}: not used by the Wan2.1 family (non-autoregressive); leave it out")
-    if args.self_quality_guidance:
+    if args.self_quality_guidance or args.sqg_start_frame is not None:
         raise ValueError("--self-quality-guidance: not used by the Wan2.1 family (non-autoregressive)")
     steps = parse_steps(args.steps, "--steps")
     if len(steps) != 1:
@@ -222,6 +242,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="text guidance of the first frame (default 7)")
     p.add_argument("--video-guidance", type=float, default=None, help="guidance of later frames (default 5)")
     p.add_argument("--self-quality-guidance", type=float, default=0.0, help="paper E.3 weight (0 = off)")
+    p.add_argument("--sqg-start-frame", type=int, default=None,
+                   help=f"latent frame from which self-quality guidance applies (default {SQG_START_FRAME})")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--model", default=None, help="model directory (default: the model shipped in the package)")
     p.add_argument("--device", default="cpu")

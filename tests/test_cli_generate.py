@@ -43,6 +43,14 @@ def test_seed_reproduces_and_gif(tmp_path, capsys):
     assert (read_video(a) == read_video(b)).all()
     assert not (read_video(a) == read_video(c)).all()
     assert read_video(a).shape == (9, 128, 128, 3)  # the shipped model's default size
+    # self-quality guidance (paper E.3) from latent frame 1: the first frame (its own latent, causal VAE) stays,
+    # the later frames change
+    d = tmp_path / "d.gif"
+    sqg = ["--self-quality-guidance", "1.5", "--sqg-start-frame", "1"]
+    assert main(["generate", PROMPT, "-o", str(d), "--frames", "9", "--seed", "1", *FAST, *sqg]) == 0
+    va, vd = read_video(a), read_video(d)
+    assert (va[0] == vd[0]).all()
+    assert not (va[1:] == vd[1:]).all()
 
 
 def test_image_to_video_cli(tmp_path):
@@ -71,6 +79,9 @@ def _corrupt_model(tmp_path):
         (["--steps", "0"], "--steps: step counts must be positive"),
         (["--steps", "-3"], "--steps"),
         (["--guidance", "-1"], "--guidance: must be >= 0"),
+        (["--self-quality-guidance", "-0.5"], "--self-quality-guidance: must be >= 0"),
+        (["--self-quality-guidance", "0.5"], "3 latent frames and guidance starts at latent frame 8"),
+        (["--self-quality-guidance", "0.5", "--sqg-start-frame", "0"], "--sqg-start-frame: must be at least 1"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--model", "CORRUPT"], "corrupt or incomplete"),
         (["--device", "tpu"], "--device"),

@@ -179,6 +179,8 @@ def test_errors_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--seeds", "0"], "--seeds")
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--steps", "0"], "--steps")
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--limit", "0"], "--limit")
+    _one_line_error(capsys, ["eval", "shapes", "--model", model, "--self-quality-guidance", "0.3"], "would never apply")
+    _one_line_error(capsys, ["eval", "shapes", "--videos", str(tmp_path), "--sqg-start-frame", "1"], "only used")
     assert main(["eval", "shapes", "--videos", str(tmp_path), "--no-progress"]) == 0
     assert "accuracy over 1 captioned video(s)" in capsys.readouterr().out
 

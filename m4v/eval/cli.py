@@ -30,7 +30,7 @@ SHAPES_HELP = """Moving-Shapes evaluation (paper D.1), in one of two modes:
                machine without FFmpeg); --frames FILE.npz scores such a file, exactly as --model would."""
 
 GENERATION_FLAGS = ("seeds", "steps", "video_steps", "guidance", "video_guidance", "device", "dtype", "videos_out",
-                    "limit", "batch_size")
+                    "limit", "batch_size", "self_quality_guidance", "sqg_start_frame")
 
 
 def _check_png(path: str | None) -> None:
@@ -142,6 +142,8 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
             frames_out=args.frames_out,
             in_memory=args.in_memory,
             batch_size=1 if args.batch_size is None else args.batch_size,
+            self_quality_guidance=args.self_quality_guidance or 0.0,
+            sqg_start_frame=args.sqg_start_frame,
         )
         text = format_report if args.frames_out is None else _format_frames
     if args.out:
@@ -203,6 +205,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--video-steps", help="--model: steps per stage of later frames (default half of --steps)")
     s.add_argument("--guidance", type=float, help="--model: text guidance of the first frame (default 7)")
     s.add_argument("--video-guidance", type=float, help="--model: guidance of later frames (default 5)")
+    s.add_argument("--self-quality-guidance", type=float, metavar="W",
+                   help="--model: paper E.3 weight for later frames (default 0 = off)")
+    s.add_argument("--sqg-start-frame", type=int, metavar="N",
+                   help="--model: latent frame from which self-quality guidance applies (default 8)")
     s.add_argument("--device", help="--model: torch device (default cpu)")
     s.add_argument("--dtype", help="--model: float32 (default), bfloat16 or float16 transformer weights")
     s.add_argument("--videos-out", metavar="DIR", help="--model: keep the videos here as CAPTION-SEED.mp4 (resumable)")

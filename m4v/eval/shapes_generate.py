@@ -214,12 +214,14 @@ def _model_generate_fn(
     dtype: str,
     limit: int | None,
     batch_size: int = 1,
+    self_quality_guidance: float = 0.0,
+    sqg_start_frame: int | None = None,
 ) -> tuple[GenerateFn, list[dict[str, Any]], dict[str, Any]]:
     """Check the options, load the pipeline; returns ``(generate_fn, held-out items, settings)``."""
     import torch
 
     from m4v.data.moving_shapes import heldout_prompts
-    from m4v.generate_cli import DTYPES, parse_steps, resolve_device
+    from m4v.generate_cli import DTYPES, parse_steps, resolve_device, sqg_kwargs
     from m4v.pipelines import M4VPipeline
     from m4v.pipelines.pipeline_wan import is_wan_model_dir
 
@@ -237,6 +239,7 @@ def _model_generate_fn(
             raise ValueError(f"{name}: must be >= 0, got {g}.")
     if batch_size < 1:
         raise ValueError(f"--batch-size: must be at least 1, got {batch_size}.")
+    sqg_kwargs(self_quality_guidance, sqg_start_frame, 2**31)  # values checked before the model loads
     parse_steps(steps, "--steps")  # checked before the model loads; expanded to the stages below
     if video_steps:
         parse_steps(video_steps, "--video-steps")
@@ -259,10 +262,13 @@ def _model_generate_fn(
         kwargs["guidance_scale"] = guidance
     if video_guidance is not None:
         kwargs["video_guidance_scale"] = video_guidance
+    sqg = sqg_kwargs(self_quality_guidance, sqg_start_frame, pipe.vae.num_latent_frames(kwargs["num_frames"]))
+    kwargs.update(sqg)
     settings = {
         "seeds": seeds, "limit": limit, "height": height, "width": width, "num_frames": int(pipe.default_frames),
         "steps": first, "video_steps": later, "guidance": guidance, "video_guidance": video_guidance,
         "device": str(torch_device), "dtype": DTYPES[dtype], "batch_size": batch_size,
+        "self_quality_guidance": sqg.get("self_quality_guidance", 0.0), "sqg_start_frame": sqg.get("sqg_start_frame"),
     }
     order = [(str(it["prompt"]), int(it["seed"])) for it in items]
     return pipeline_generate_fn(pipe, kwargs, batch_size, order), items, settings
@@ -283,6 +289,8 @@ def evaluate_model(
     frames_out: str | os.PathLike[str] | None = None,
     in_memory: bool = False,
     batch_size: int = 1,
+    self_quality_guidance: float = 0.0,
+    sqg_start_frame: int | None = None,
 ) -> dict[str, Any]:
     """The generation mode end to end: load ``M4VPipeline.from_pretrained(model_dir)``, generate the held-out
     prompts at the model's default size and frame count, and :func:`evaluate_generated` them.
@@ -293,10 +301,12 @@ def evaluate_model(
     nothing is scored (a GPU machine without FFmpeg); :func:`evaluate_frames` scores them later.
     ``in_memory`` scores the generated frames directly, without the H.264 round trip (no FFmpeg needed).
     ``batch_size`` videos are generated per pipeline call (each with its own seed's noise).
+    ``self_quality_guidance`` > 0 turns on paper E.3 from latent frame ``sqg_start_frame`` (default 8) on.
     """
     root = os.fspath(model_dir)
     generate, items, settings = _model_generate_fn(
-        root, seeds, steps, video_steps, guidance, video_guidance, device, dtype, limit, batch_size
+        root, seeds, steps, video_steps, guidance, video_guidance, device, dtype, limit, batch_size,
+        self_quality_guidance, sqg_start_frame,
     )
     if frames_out is not None:
         return save_frames(generate, items, settings, root, frames_out, progress=progress)
