@@ -239,8 +239,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="20", help="Euler steps per pyramid stage for the first frame: N or a,b,c "
                    "(later frames use half unless --video-steps is given)")
     p.add_argument("--video-steps", default=None, help="steps per stage for later frames (PyramidFlow: 10)")
-    p.add_argument("--guidance", type=float, default=None, help="text guidance of the first frame (default 7)")
-    p.add_argument("--video-guidance", type=float, default=None, help="guidance of later frames (default 5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text guidance of the first frame (default: the model's; 3 for the shipped one)")
+    p.add_argument("--video-guidance", type=float, default=None,
+                   help="guidance of later frames (default: the model's; 2 for the shipped one)")
     p.add_argument("--self-quality-guidance", type=float, default=0.0, help="paper E.3 weight (0 = off)")
     p.add_argument("--sqg-start-frame", type=int, default=None,
                    help=f"latent frame from which self-quality guidance applies (default {SQG_START_FRAME})")

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--output")
     p.add_argument("--size", type=int, default=128, help="default height and width")
     p.add_argument("--frames", type=int, default=17, help="default frame count")
+    p.add_argument("--guidance", type=float, nargs=2, default=[7.0, 5.0], metavar=("FIRST", "LATER"),
+                   help="default text guidance of the first and of later frames (default PyramidFlow's 7 5)")
     p.add_argument("--half", action="store_true", help="store weights as float16")
     a = p.parse_args(argv)
     if a.halve_only:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                        PyramidFlowMatchScheduler())
     pipe.default_size = (a.size, a.size)
     pipe.default_frames = a.frames
+    pipe.default_guidance = tuple(a.guidance)
     pipe.save_pretrained(a.output)
     if a.half:
         halve_folder(a.output)

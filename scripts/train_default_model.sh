@@ -12,7 +12,8 @@
 #                    GPU machine has no FFmpeg)
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
 # no_recomposition, no_registers, no_temporal (VARIANTS="full_temp full_attn" picks some). EXTRA="--set K=V ..."
-# is added to every train command, EVAL_ARGS to every eval; SAMPLES sets the number of prepared clips.
+# is added to every train command, EVAL_ARGS to every eval (GUIDANCE="FIRST LATER" sets the evaluated pipelines'
+# default guidance, default the shipped model's "3 2"; runs before session 6 evaluated at PyramidFlow's 7 5); SAMPLES sets the number of prepared clips.
 # FROM=DIR continues each variant from DIR/transformer_VARIANT (the EMA weights an earlier train phase brought
 # back; model.pretrained, whose config then replaces the overrides), so steps add up over several GPU sessions.
 # Everything a phase reports (logs, metrics, eval JSON, the float16 EMA transformers of the variants in KEEP,
@@ -60,8 +61,9 @@ side_by_side() {  # side_by_side SHARDS ARGS...: train every variant at once, on
 
 evaluate() {  # evaluate ARGS...: every variant's EMA weights as a pipeline, held-out prompts, side by side
   for v in "${VARIANTS[@]}"; do
+    # shellcheck disable=SC2086
     python3 scripts/assemble_pipeline.py --transformer "runs/ms_$v/final/transformer_ema" --vae $VAE \
-      -o "runs/pipe_$v" >/dev/null
+      --guidance ${GUIDANCE:-3 2} -o "runs/pipe_$v" >/dev/null
     OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT:-3000}" $M4V eval shapes --model "runs/pipe_$v" --device "$DEVICE" \
       --no-progress --in-memory --batch-size "${EVAL_BATCH:-45}" \
       --out "$W/eval_$v.json" "$@" >"$W/eval_$v.log" 2>&1 &

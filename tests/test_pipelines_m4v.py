@@ -142,3 +142,30 @@ def test_bad_arguments(pipe, kw, match):
         run(pipe, 0, **kw)
     with pytest.raises(ValueError, match="prompt"):
         pipe("  ", height=64, width=64, num_frames=9)
+
+
+def test_model_default_guidance_saved_loaded_and_used(pipe, tmp_path):
+    """A model's own guidance (model_index.json default_guidance) is what an unset guidance argument means."""
+    import json
+
+    assert pipe.default_guidance == (7.0, 5.0)  # PyramidFlow's, for a pipeline built in code
+    explicit = run(pipe, 4, guidance_scale=2.5, video_guidance_scale=1.5).frames
+    assert not np.allclose(run(pipe, 4).frames, explicit)
+    pipe.default_guidance = (2.5, 1.5)
+    try:
+        pipe.save_pretrained(tmp_path / "model")
+    finally:
+        pipe.default_guidance = (7.0, 5.0)
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["default_guidance"] == [2.5, 1.5]
+    loaded = M4VPipeline.from_pretrained(tmp_path / "model", text_encoder=pipe.text_encoder)
+    assert loaded.default_guidance == (2.5, 1.5)
+    assert np.array_equal(run(loaded, 4).frames, explicit)
+    # an index without the key (older models) keeps PyramidFlow's; a bad value is a one-line error
+    del index["default_guidance"]
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    assert M4VPipeline.from_pretrained(tmp_path / "model", text_encoder=pipe.text_encoder).default_guidance == (7, 5)
+    index["default_guidance"] = [3.0, -1.0]
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="default_guidance in model_index.json must be two numbers >= 0"):
+        M4VPipeline.from_pretrained(tmp_path / "model", text_encoder=pipe.text_encoder)

@@ -203,8 +203,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seeds", type=int, metavar="N", help="--model: videos (seeds 0..N-1) per prompt (default 2)")
     s.add_argument("--steps", help="--model: Euler steps per pyramid stage of the first frame, N or a,b,c (default 20)")
     s.add_argument("--video-steps", help="--model: steps per stage of later frames (default half of --steps)")
-    s.add_argument("--guidance", type=float, help="--model: text guidance of the first frame (default 7)")
-    s.add_argument("--video-guidance", type=float, help="--model: guidance of later frames (default 5)")
+    s.add_argument("--guidance", type=float, help="--model: text guidance of the first frame (default: the model's)")
+    s.add_argument("--video-guidance", type=float, help="--model: guidance of later frames (default: the model's)")
     s.add_argument("--self-quality-guidance", type=float, metavar="W",
                    help="--model: paper E.3 weight for later frames (default 0 = off)")
     s.add_argument("--sqg-start-frame", type=int, metavar="N",

@@ -266,7 +266,9 @@ def _model_generate_fn(
     kwargs.update(sqg)
     settings = {
         "seeds": seeds, "limit": limit, "height": height, "width": width, "num_frames": int(pipe.default_frames),
-        "steps": first, "video_steps": later, "guidance": guidance, "video_guidance": video_guidance,
+        "steps": first, "video_steps": later,
+        "guidance": pipe.default_guidance[0] if guidance is None else guidance,
+        "video_guidance": pipe.default_guidance[1] if video_guidance is None else video_guidance,
         "device": str(torch_device), "dtype": DTYPES[dtype], "batch_size": batch_size,
         "self_quality_guidance": sqg.get("self_quality_guidance", 0.0), "sqg_start_frame": sqg.get("sqg_start_frame"),
     }
@@ -389,6 +391,10 @@ def format_report(report: Mapping[str, Any]) -> str:
             f", model {report['model']}, {s['seeds']} seed(s), {s['height']}x{s['width']}, {s['num_frames']} frames, "
             f"steps {','.join(map(str, s['steps']))} (later frames {','.join(map(str, s['video_steps']))})"
         )
+        if s.get("guidance") is not None:
+            head += f", guidance {s['guidance']:g} (later frames {s['video_guidance']:g})"
+        if s.get("self_quality_guidance"):
+            head += f", self-quality guidance {s['self_quality_guidance']:g} from latent frame {s['sqg_start_frame']}"
     lines = [
         head,
         "accuracy: " + ", ".join(f"{k} {100 * acc[k]:.1f}%" for k in HEADLINE)

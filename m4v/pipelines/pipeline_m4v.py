@@ -42,6 +42,19 @@ def pyramid_multiple(transformer: M4VTransformer, scheduler: PyramidFlowMatchSch
     return vae.spatial_compression * transformer.config.patch_size * 2 ** (scheduler.config.num_stages - 1)
 
 
+PYRAMIDFLOW_GUIDANCE = (7.0, 5.0)  # PyramidFlow's text guidance of the first frame and of later frames
+
+
+def _guidance_pair(value: Any, root: str) -> tuple[float, float]:
+    """``default_guidance`` of a model_index.json: two numbers >= 0 (first frame, later frames)."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not ok:
+        raise ValueError(f"model directory {root!r}: default_guidance in {MODEL_INDEX} must be two numbers >= 0 "
+                         f"(first frame, later frames), got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 def _steps(name: str, steps: int | Sequence[int], stages: int) -> list[int]:
     out = [steps] * stages if isinstance(steps, int) else list(steps)
     if len(out) != stages or any(not isinstance(s, int) or s < 1 for s in out):
@@ -72,6 +85,7 @@ class M4VPipeline(DiffusionPipeline):
             )
         self.default_size = (64, 64)
         self.default_frames = 17
+        self.default_guidance = PYRAMIDFLOW_GUIDANCE  # (first frame, later frames); a model's own in model_index
 
     # ------------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, save_directory: str | os.PathLike, text_encoder_spec: Any = "minilm", **_: Any) -> None:
@@ -90,6 +104,7 @@ class M4VPipeline(DiffusionPipeline):
             "text_encoder": text_encoder_spec,
             "default_size": list(self.default_size),
             "default_frames": self.default_frames,
+            "default_guidance": list(self.default_guidance),
         }
         with open(os.path.join(save_directory, MODEL_INDEX), "w") as f:
             json.dump(index, f, indent=2)
@@ -119,6 +134,7 @@ class M4VPipeline(DiffusionPipeline):
         pipe = cls(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
         pipe.default_size = tuple(index.get("default_size", pipe.default_size))
         pipe.default_frames = int(index.get("default_frames", pipe.default_frames))
+        pipe.default_guidance = _guidance_pair(index.get("default_guidance", pipe.default_guidance), root)
         if torch_dtype is not None:
             pipe.transformer.to(torch_dtype)
         return pipe
@@ -193,8 +209,8 @@ class M4VPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         num_inference_steps: int | Sequence[int] = (20, 20, 20),
         video_num_inference_steps: int | Sequence[int] = (10, 10, 10),
-        guidance_scale: float = 7.0,
-        video_guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
+        video_guidance_scale: float | None = None,
         generator: Generators = None,
         image: torch.Tensor | np.ndarray | Any | None = None,
         output_type: str = "np",
@@ -206,11 +222,15 @@ class M4VPipeline(DiffusionPipeline):
     ) -> M4VPipelineOutput | tuple:
         """Generate videos.
 
+        ``guidance_scale`` / ``video_guidance_scale``: text guidance of the first / later latent frames; default
+        the model's ``default_guidance`` (model_index.json; PyramidFlow's 7 / 5 where it has none).
         ``callback(frame_index, stage, step, latents)`` is called after every Euler step.
         ``self_quality_guidance`` > 0 enables paper E.3 (eqs. 8-10) from latent frame ``sqg_start_frame`` on,
         in ``sqg_stages`` (default: the last stage): ``v = v_l + w (v_h - v_l)`` where ``v_h`` is the guided
         velocity without history (the model's text-to-image mode).
         """
+        guidance_scale = self.default_guidance[0] if guidance_scale is None else guidance_scale
+        video_guidance_scale = self.default_guidance[1] if video_guidance_scale is None else video_guidance_scale
         height = height or self.default_size[0]
         width = width or self.default_size[1]
         num_frames = num_frames or self.default_frames
