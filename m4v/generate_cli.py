@@ -174,8 +174,10 @@ def _load_wan(args: argparse.Namespace, pipe, device):  # noqa: ANN001, ANN202 -
                         ("--video-guidance", args.video_guidance)):
         if value is not None:
             raise ValueError(f"{flag}: not used by the Wan2.1 family (non-autoregressive); leave it out")
-    if args.self_quality_guidance or args.sqg_start_frame is not None:
-        raise ValueError("--self-quality-guidance: not used by the Wan2.1 family (non-autoregressive)")
+    for flag, used in (("--self-quality-guidance", args.self_quality_guidance),
+                       ("--sqg-start-frame", args.sqg_start_frame is not None)):
+        if used:
+            raise ValueError(f"{flag}: not used by the Wan2.1 family (non-autoregressive)")
     steps = parse_steps(args.steps, "--steps")
     if len(steps) != 1:
         raise ValueError("--steps: the Wan2.1 family takes one step count")

@@ -29,6 +29,8 @@ def test_generate_picks_the_wan_family(tmp_path, capsys):
     assert (info.num_frames, info.height, info.width) == (9, 32, 64)
     assert main([*args, "--video-guidance", "3"]) == 2
     assert "not used by the Wan2.1 family" in capsys.readouterr().err
+    assert main([*args, "--sqg-start-frame", "1"]) == 2
+    assert "--sqg-start-frame: not used by the Wan2.1 family" in capsys.readouterr().err
 
 
 def test_flops_family_wan(capsys):
