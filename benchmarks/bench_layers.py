@@ -31,7 +31,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import bench, environment, peak_memory, write_json  # noqa: E402
 
 from m4v.layers.attention import QKNorm  # noqa: E402
-from m4v.layers.rope import apply_rope, frame_positions, rope_cos_sin  # noqa: E402
+from m4v.layers.rope import frame_positions, rope_cos_sin  # noqa: E402
 from m4v.models.blocks import MMDiMBlock, SequenceContext  # noqa: E402
 
 # (label, text tokens, frame token grids): the sequences of the paper at 768p
@@ -53,8 +53,7 @@ class AttentionMixer(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend) -> torch.Tensor:  # noqa: ANN001
-        q, k, v = self.qk(self.qkv(x))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.qk(self.qkv(x), rope)  # fused q/k RMSNorm + RoPE, as in the model's attention blocks
         with torch.nn.attention.sdpa_kernel(backend):
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).flatten(2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
 from m4v.layers.norms import RMSNorm
-from m4v.layers.rope import apply_rope
+from m4v.ops.fused import qkv_heads
 
 ATTENTION_BACKENDS = ("sdpa", "flex")
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default sparse block (torch 2.13's compiled CPU kernel is wrong at 8)
@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class QKNorm(nn.Module):
-    """Split a fused qkv projection into heads and RMS-normalise q and k."""
+    """RMSNorm weights of q and k (one per head dim) for a fused qkv projection; see :func:`qkv_heads`."""
 
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -154,19 +154,27 @@ class QKNorm(nn.Module):
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
 
-    def forward(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        return self.norm_q(q), self.norm_k(k), v
+    def forward(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, N, d] from qkv [B, N, 3 * heads * d]: q and k RMS-normalised, then RoPE-rotated."""
+        return joint_qkv([qkv], [self], rope)
 
 
-def rope_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
-    mask: torch.Tensor | BlockMask | None,
-) -> torch.Tensor:
-    """Attention after rotating q and k by the 3D RoPE tables."""
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return attention(q, k, v, mask)
+def joint_qkv(
+    qkvs: Sequence[torch.Tensor], norms: Sequence[QKNorm], rope: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Heads of consecutive sequence segments (e.g. MM-DiT's text and video streams), each with its own q/k norm.
+
+    One fused op (m4v.ops.fused.qkv_heads): split heads, RMSNorm q and k, join the segments, rotate by RoPE.
+    """
+    cos, sin = rope if rope is not None else (None, None)
+    return qkv_heads(
+        list(qkvs),
+        [n.norm_q.weight for n in norms],
+        [n.norm_k.weight for n in norms],
+        norms[0].num_heads,
+        norms[0].norm_q.eps,
+        cos,
+        sin,
+    )

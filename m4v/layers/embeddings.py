@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m4v.layers.norms import upcast
-
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> tokens [B, (H/p)(W/p), C*p*p] in row-major order."""
@@ -59,11 +57,6 @@ class TimestepTextEmbedding(nn.Module):
         return self.time(t) + self.text(pooled)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift`` with per-sample shift/scale [B, D]."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
 class AdaLNModulation(nn.Module):
     """SiLU -> Linear(D, n*D), zero-initialised (adaLN-Zero): returns n chunks of [B, D]."""
 
@@ -76,8 +69,3 @@ class AdaLNModulation(nn.Module):
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(F.silu(temb)).chunk(self.n, dim=-1)
-
-
-def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without affine parameters (computed in float32)."""
-    return F.layer_norm(upcast(x), x.shape[-1:], eps=eps).to(x.dtype)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m4v.layers.norms import RMSNorm, upcast
+from m4v.ops.fused import fold_heads
 
 
 def _runs(sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
@@ -80,44 +81,62 @@ class TemporalBranch(nn.Module):
         return self.folded(h, sizes)
 
     def folded(self, h: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """The branch as written above (pool, fold, causal attention over time, unfold), for any ``sizes``."""
-        B, _, D = h.shape
+        """The branch as written above (pool, fold, causal attention over time, unfold), for any ``sizes``.
+
+        Written for few passes over memory: the folded tokens are assembled in one buffer straight from strided
+        views of ``h`` (block means for pooling), q/k/v come out of one fused op in the attention's layout, and
+        the output is written once, frame by frame, from views of the attention output (nearest upsampling is a
+        broadcast).
+        """
+        B, Nv, D = h.shape
         H, W = sizes[-1]
         hs = min(s[0] for s in sizes)
         ws = min(s[1] for s in sizes)
         K = H // hs
         if H % hs or W % ws or W // ws != K:
             raise ValueError(f"TemporalBranch: frame grids {list(sizes)} are not a pyramid of the current frame")
-        n_cur = H * W
-        hist_sizes = list(sizes[:-1])
-        groups = _runs(hist_sizes)  # consecutive history frames of one size are pooled in one call
-        parts, off = [], 0
+        groups = _runs(sizes[:-1])  # consecutive history frames of one size are handled together
+        nh, heads = len(sizes) - 1, self.num_heads
+        T = nh + K * K
+        tokens = h.new_empty(B, T, hs, ws, D)
+        off, t0 = 0, 0
         for (a, b), count in groups:
-            chunk = h[:, off : off + count * a * b].reshape(B * count, a * b, D)
-            parts.append(self._pool(chunk, (a, b), (hs, ws)).reshape(B, count, hs * ws, D))
-            off += count * a * b
-        cur = h[:, off:].reshape(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5).reshape(B, K * K, hs * ws, D)
-        tokens = torch.cat([*parts, cur], 1)  # [B, T, P, D]
-        nh = len(hist_sizes)
-        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)  # [B, T, P, heads, hd]
-        q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (t.permute(0, 3, 1, 2, 4).flatten(-2) for t in (q, k, v))  # [B, heads, T, P*hd]
-        o = folded_causal_attention(q, k, v, nh)  # [B, heads, T, P*hd]
-        o = o.unflatten(-1, (hs * ws, -1)).permute(0, 2, 3, 1, 4).flatten(-2)  # [B, T, P, D]
-        outs, t0 = [], 0
+            dst = tokens[:, t0 : t0 + count]
+            src = h[:, off : off + count * a * b]
+            if a % hs or b % ws:  # not a whole-block pyramid level: adaptive pooling
+                dst.copy_(self._pool(src.reshape(B * count, a * b, D), (a, b), (hs, ws)).view(B, count, hs, ws, D))
+            elif (a, b) == (hs, ws):
+                dst.copy_(src.view(B, count, hs, ws, D))
+            else:
+                blocks = src.view(B, count, hs, a // hs, ws, b // ws, D)
+                dst.copy_(blocks.mean(dim=(3, 5), dtype=upcast(blocks[:0]).dtype))  # float32 sums for half inputs
+            off, t0 = off + count * a * b, t0 + count
+        # current frame: token (i, j) takes positions (i::K, j::K)
+        tokens[:, nh:].view(B, K, K, hs, ws, D).copy_(h[:, off:].view(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5))
+        qkv = self.qkv(tokens).flatten(2, 3)  # [B, T, P, 3D]
+        q, k, v = fold_heads(qkv, self.norm_q.weight, self.norm_k.weight, heads, self.norm_q.eps)
+        o = folded_causal_attention(q, k, v, nh).view(B, heads, T, hs, ws, D // heads)
+        out = h.new_empty(B, Nv, heads, D // heads)
+        off, t0 = 0, 0
         for (a, b), count in groups:
-            chunk = o[:, t0 : t0 + count].reshape(B * count, hs * ws, D)
-            outs.append(self._unpool(chunk, (hs, ws), (a, b)).reshape(B, count * a * b, D))
-            t0 += count
-        o_cur = o[:, nh:].reshape(B, K, K, hs, ws, D).permute(0, 3, 1, 4, 2, 5).reshape(B, n_cur, D)
-        return torch.cat([*outs, o_cur], 1)
+            src = o[:, :, t0 : t0 + count].permute(0, 2, 3, 4, 1, 5)  # [B, count, hs, ws, heads, hd]
+            dst = out[:, off : off + count * a * b]
+            if a % hs or b % ws:
+                up = self._unpool(src.reshape(B * count, hs * ws, D), (hs, ws), (a, b))
+                dst.copy_(up.view(B, count * a * b, heads, D // heads))
+            else:
+                dst.view(B, count, hs, a // hs, ws, b // ws, heads, D // heads).copy_(src[:, :, :, None, :, None])
+            off, t0 = off + count * a * b, t0 + count
+        cur = o[:, :, nh:].view(B, heads, K, K, hs, ws, D // heads).permute(0, 4, 2, 5, 3, 1, 6)
+        out[:, off:].view(B, hs, K, ws, K, heads, D // heads).copy_(cur)
+        return out.view(B, Nv, D)
 
     @staticmethod
     def _pool(x: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
         B, _, D = x.shape
         img = x.transpose(1, 2).reshape(B, D, *size)
         if size != target:
-            img = F.adaptive_avg_pool2d(img.float(), target).to(x.dtype)
+            img = F.adaptive_avg_pool2d(upcast(img), target).to(x.dtype)
         return img.flatten(2).transpose(1, 2)
 
     @staticmethod

@@ -9,12 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from m4v.layers.attention import QKNorm, attention_backend, frame_causal_block_mask, frame_causal_mask, rope_attention
-from m4v.layers.embeddings import AdaLNModulation, layer_norm, modulate
+from m4v.layers.attention import (
+    QKNorm,
+    attention,
+    attention_backend,
+    frame_causal_block_mask,
+    frame_causal_mask,
+    joint_qkv,
+)
+from m4v.layers.embeddings import AdaLNModulation
 from m4v.layers.mamba2 import Mamba2Mixer
 from m4v.layers.recomposition import NUM_REGISTER_TYPES, RecompositionPlan, TextArrangement
 from m4v.layers.rope import frame_positions, rope_cos_sin
 from m4v.layers.temporal_branch import TemporalBranch
+from m4v.ops.fused import gated_residual, ln_modulate
 
 
 @dataclass
@@ -110,17 +118,15 @@ class MMDiTBlock(nn.Module):
         self, txt: torch.Tensor, vis: torch.Tensor, temb: torch.Tensor, ctx: SequenceContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t_mod, v_mod = self.ada_txt(temb), self.ada_vis(temb)
-        h_t = modulate(layer_norm(txt), t_mod[0], t_mod[1])
-        h_v = modulate(layer_norm(vis), v_mod[0], v_mod[1])
-        qt, kt, vt = self.qk_txt(self.qkv_txt(h_t))
-        qv, kv, vv = self.qk_vis(self.qkv_vis(h_v))
-        q, k, v = (torch.cat(p, dim=2) for p in ((qt, qv), (kt, kv), (vt, vv)))
-        o = rope_attention(q, k, v, ctx.rope, ctx.attn_mask)
+        h_t = ln_modulate(txt, t_mod[0], t_mod[1])
+        h_v = ln_modulate(vis, v_mod[0], v_mod[1])
+        q, k, v = joint_qkv([self.qkv_txt(h_t), self.qkv_vis(h_v)], [self.qk_txt, self.qk_vis], ctx.rope)
+        o = attention(q, k, v, ctx.attn_mask)
         L = txt.shape[1]
-        txt = txt + t_mod[2][:, None] * self.out_txt(o[:, :L])
-        vis = vis + v_mod[2][:, None] * self.out_vis(o[:, L:])
-        txt = txt + t_mod[5][:, None] * self.mlp_txt(modulate(layer_norm(txt), t_mod[3], t_mod[4]))
-        vis = vis + v_mod[5][:, None] * self.mlp_vis(modulate(layer_norm(vis), v_mod[3], v_mod[4]))
+        txt = gated_residual(txt, t_mod[2], self.out_txt(o[:, :L]))
+        vis = gated_residual(vis, v_mod[2], self.out_vis(o[:, L:]))
+        txt = gated_residual(txt, t_mod[5], self.mlp_txt(ln_modulate(txt, t_mod[3], t_mod[4])))
+        vis = gated_residual(vis, v_mod[5], self.mlp_vis(ln_modulate(vis, v_mod[3], v_mod[4])))
         return txt, vis
 
 
@@ -137,8 +143,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         shift, scale, gate = self.ada(temb)
-        h = modulate(layer_norm(x), shift, scale)
-        return x + gate[:, None] * (self.mix(h, ctx) + self.mlp(h))
+        h = ln_modulate(x, shift, scale)
+        return gated_residual(x, gate, self.mix(h, ctx), self.mlp(h))
 
 
 class AttentionBlock(SingleStreamBlock):
@@ -151,7 +157,7 @@ class AttentionBlock(SingleStreamBlock):
         self.out = nn.Linear(dim, dim, bias=False)
 
     def mix(self, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        return self.out(rope_attention(*self.qk_norm(self.qkv(h)), ctx.rope, ctx.attn_mask))
+        return self.out(attention(*self.qk_norm(self.qkv(h), ctx.rope), ctx.attn_mask))
 
 
 class MMDiMBlock(SingleStreamBlock):
@@ -196,5 +202,5 @@ class MMDiMBlock(SingleStreamBlock):
             y_vis = y_vis + self.temporal(h[:, L:], ctx.sizes)
         y = torch.cat([y_txt, y_vis], 1)
         if self.parallel_attention:
-            y = y + rope_attention(*self.qk_norm(self.qkv(h)), ctx.rope, ctx.attn_mask)
+            y = y + attention(*self.qk_norm(self.qkv(h), ctx.rope), ctx.attn_mask)
         return self.mamba.out_proj(y)

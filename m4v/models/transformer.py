@@ -20,14 +20,13 @@ from torch import nn
 from m4v.layers.embeddings import (
     AdaLNModulation,
     TimestepTextEmbedding,
-    layer_norm,
-    modulate,
     patchify,
     unpatchify,
 )
 from m4v.layers.zigzag import layer_path
 from m4v.models.blocks import AttentionBlock, MMDiMBlock, MMDiTBlock, SequenceContext
 from m4v.models.layouts import LAYOUTS, block_mixers
+from m4v.ops.fused import ln_modulate
 
 
 @dataclass
@@ -206,7 +205,7 @@ class M4VTransformer(ModelMixin, ConfigMixin):
         h, w = sizes[-1]
         cur = x[:, x.shape[1] - h * w :]
         shift, scale = self.norm_out(temb)
-        out = self.proj_out(modulate(layer_norm(cur), shift, scale))
+        out = self.proj_out(ln_modulate(cur, shift, scale))
         out = unpatchify(out, p, self.config.in_channels, h, w).to(hidden_states.dtype)
         return M4VTransformerOutput(sample=out) if return_dict else (out,)
 

@@ -1,0 +1,181 @@
+"""Fused element-wise ops (m4v.ops.fused): the references against independent float64 formulas, the dispatch,
+and the dynamic-shape compiled path (traced with aot_eager on the CPU; Inductor's kernels on a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m4v.ops.fused as fused
+from m4v.layers.rope import rope_cos_sin
+
+CUDA = torch.cuda.is_available()
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row by row: x_i / sqrt(mean(x^2) + eps) * w_i."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    flat, res = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+    for r in range(flat.shape[0]):
+        ms = sum(float(v) ** 2 for v in flat[r]) / flat.shape[1]
+        res[r] = flat[r] / math.sqrt(ms + eps) * w
+    return out
+
+
+def _rotate_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as a complex product: pair (x0, x1) -> (x0 + i x1) * e^{i theta}; x [B, H, N, d], tables [N, d/2]."""
+    z = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.complex(cos, sin)
+    return torch.stack([z.real, z.imag], -1).flatten(-2)
+
+
+def test_rms_norm_matches_rowwise_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 3
+    w = torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(fused.rms_norm_ref(x, w, 1e-6), _rms(x, w, 1e-6), rtol=1e-12, atol=1e-12)
+    # half inputs: float32 math, output in the input's dtype
+    xb = x.to(torch.bfloat16)
+    out = fused.rms_norm_ref(xb, w.float(), 1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _rms(xb.double(), w, 1e-6), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("segments", [(9,), (4, 7)])
+@pytest.mark.parametrize("rope", [True, False])
+def test_qkv_heads_split_norm_join_rotate(segments, rope):
+    """Each segment's q and k normalised with its own weights, segments joined along N, then rotated."""
+    g = torch.Generator().manual_seed(1)
+    B, H, d = 2, 3, 16
+    qkvs = [torch.randn(B, n, 3 * H * d, generator=g, dtype=torch.float64) for n in segments]
+    wq = [torch.rand(d, generator=g, dtype=torch.float64) + 0.5 for _ in segments]
+    wk = [torch.rand(d, generator=g, dtype=torch.float64) + 0.5 for _ in segments]
+    N = sum(segments)
+    cos, sin = rope_cos_sin(torch.randn(N, 3, generator=g) * 5, (4, 6, 6)) if rope else (None, None)
+    cos = cos.double() if rope else None
+    sin = sin.double() if rope else None
+    q, k, v = fused.qkv_heads_ref(qkvs, wq, wk, H, 1e-6, cos, sin)
+    assert q.shape == k.shape == v.shape == (B, H, N, d)
+    parts = {"q": [], "k": [], "v": []}
+    for qkv, a, b in zip(qkvs, wq, wk):
+        t = qkv.reshape(B, -1, 3, H, d).permute(2, 0, 3, 1, 4)  # [3, B, H, n, d]
+        parts["q"].append(_rms(t[0], a, 1e-6))
+        parts["k"].append(_rms(t[1], b, 1e-6))
+        parts["v"].append(t[2])
+    rq, rk, rv = (torch.cat(parts[n], 2) for n in "qkv")
+    if rope:
+        rq, rk = _rotate_complex(rq, cos, sin), _rotate_complex(rk, cos, sin)
+    for got, want in ((q, rq), (k, rk), (v, rv)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # [B, N, heads, d] in memory: the attention output comes back in [B, N, heads * d] order without a copy
+    assert q.transpose(1, 2).is_contiguous()
+
+
+def test_fold_heads_per_head_layout():
+    """Temporal-branch tokens: head h of folded token t is its P positions' normalised head-h channels, in order."""
+    g = torch.Generator().manual_seed(5)
+    B, T, P, H, d = 2, 4, 6, 3, 8
+    qkv = torch.randn(B, T, P, 3 * H * d, generator=g, dtype=torch.float64)
+    wq, wk = (torch.rand(d, generator=g, dtype=torch.float64) + 0.5 for _ in range(2))
+    q, k, v = fused.fold_heads_ref(qkv, wq, wk, H, 1e-6)
+    assert q.shape == k.shape == v.shape == (B, H, T, P * d)
+    for h in range(H):
+        for t in range(T):
+            for p in range(P):
+                chans = slice(h * d, (h + 1) * d)
+                want_q = _rms(qkv[:, t, p, chans][:, None], wq, 1e-6)[:, 0]
+                want_k = _rms(qkv[:, t, p, H * d :][:, chans][:, None], wk, 1e-6)[:, 0]
+                torch.testing.assert_close(q[:, h, t, p * d : (p + 1) * d], want_q, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(k[:, h, t, p * d : (p + 1) * d], want_k, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(v[:, h, t, p * d : (p + 1) * d], qkv[:, t, p, 2 * H * d :][:, chans])
+
+
+def test_ln_modulate_and_gated_residual_match_formulas():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    shift, scale, gate = (torch.randn(2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + 1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(fused.ln_modulate_ref(x, shift, scale), want, rtol=1e-12, atol=1e-12)
+    y, y2 = (torch.randn(2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for b in range(2):
+        for n in range(6):
+            two, one = fused.gated_residual_ref(x, gate, y, y2)[b, n], fused.gated_residual_ref(x, gate, y)[b, n]
+            torch.testing.assert_close(two, x[b, n] + gate[b] * (y[b, n] + y2[b, n]))
+            torch.testing.assert_close(one, x[b, n] + gate[b] * y[b, n])
+
+
+def test_dispatch_uses_the_reference_off_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "_compiled", lambda fn, backend: calls.append(fn) or fn)
+    x = torch.randn(2, 3, 8)
+    fused.rms_norm(x, torch.ones(8), 1e-6)
+    assert not fused.use_compiled(x) and not calls
+
+
+def test_compiled_path_traces_whole_with_dynamic_shapes(monkeypatch):
+    """What runs on CUDA: each op compiled once, fullgraph (no graph break) and dynamic in the sequence length,
+    with the reference's values and gradients. Traced with aot_eager here (the CPU has no Triton)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(fused, "use_compiled", lambda x: True)
+    monkeypatch.setattr(fused, "COMPILE_BACKEND", "aot_eager")
+    g = torch.Generator().manual_seed(3)
+    B, H, d = 2, 2, 8
+    wq, wk = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    for N in (5, 9, 13):
+        qkv_t = torch.randn(B, 3, 3 * H * d, generator=g, requires_grad=True)
+        qkv_v = torch.randn(B, N, 3 * H * d, generator=g, requires_grad=True)
+        cos, sin = rope_cos_sin(torch.randn(N + 3, 3, generator=g), (2, 2, 4))
+        x = torch.randn(B, N, H * d, generator=g, requires_grad=True)
+        shift, scale, gate = (torch.randn(B, H * d, generator=g) for _ in range(3))
+        outs = {}
+        ops = {
+            "fused": (fused.qkv_heads, fused.ln_modulate, fused.gated_residual, fused.fold_heads, fused.rms_norm),
+            "ref": (fused.qkv_heads_ref, fused.ln_modulate_ref, fused.gated_residual_ref, fused.fold_heads_ref,
+                    fused.rms_norm_ref),
+        }
+        for name, (a, b, c, fold, rms) in ops.items():
+            q, k, v = a([qkv_t, qkv_v], [wq, wq], [wk, wk], H, 1e-6, cos, sin)
+            h = b(x, shift, scale)
+            r = c(x, gate, h, F.silu(h))
+            fq, fk, fv = fold(qkv_v.view(B, 1, N, -1), wq, wk, H, 1e-6)
+            loss = (q * k).sum() + v.square().sum() + r.square().sum() + rms(x, wq.repeat(H), 1e-6).sum()
+            loss = loss + (fq * fk).sum() + fv.square().sum()
+            grads = torch.autograd.grad(loss, (qkv_t, qkv_v, x))
+            outs[name] = (q, k, v, r, fq, fk, fv, *grads)
+        for got, want in zip(outs["fused"], outs["ref"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # one graph per op (a second when the first call's static shapes are generalised), not one per length
+    assert counters["stats"]["unique_graphs"] <= 10, dict(counters["stats"])
+
+
+@pytest.mark.skipif(not CUDA, reason="Inductor's generated kernels need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_compiled_kernels_match_reference(dtype):
+    """bf16 / fp32 on the GPU: compiled kernels vs the reference, forward and gradients, over several lengths."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(4)
+    B, H, d = 2, 4, 64
+    wq, wk = torch.rand(d, device=dev, generator=g) + 0.5, torch.rand(d, device=dev, generator=g) + 0.5
+    for N in (100, 1037, 4096):
+        qkv = torch.randn(B, N, 3 * H * d, device=dev, dtype=dtype, generator=g, requires_grad=True)
+        cos, sin = rope_cos_sin(torch.randn(N, 3, device=dev, generator=g) * 10, (16, 24, 24))
+        x = torch.randn(B, N, H * d, device=dev, dtype=dtype, generator=g, requires_grad=True)
+        shift, scale, gate = (torch.randn(B, H * d, device=dev, dtype=dtype, generator=g) for _ in range(3))
+        res = {}
+        for name, (a, b, c) in {"fused": (fused.qkv_heads, fused.ln_modulate, fused.gated_residual),
+                                "ref": (fused.qkv_heads_ref, fused.ln_modulate_ref, fused.gated_residual_ref)}.items():
+            q, k, v = a([qkv], [wq], [wk], H, 1e-6, cos, sin)
+            h = b(x, shift, scale)
+            r = c(x, gate, h, h)
+            loss = (q.float() * k.float()).sum() + r.float().square().sum()
+            res[name] = (q, k, r, *torch.autograd.grad(loss, (qkv, x)))
+        for got, want in zip(res["fused"], res["ref"]):
+            err = (got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt()
+            assert err < (5e-3 if dtype == torch.bfloat16 else 1e-5), (N, float(err))
