@@ -157,25 +157,29 @@ def test_compiled_path_traces_whole_with_dynamic_shapes(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="Inductor's generated kernels need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_compiled_kernels_match_reference(dtype):
-    """bf16 / fp32 on the GPU: compiled kernels vs the reference, forward and gradients, over several lengths."""
+def test_cuda_compiled_kernels_match_float64(dtype):
+    """The compiled kernels on the GPU against the float64 reference over several lengths: relative RMS error
+    under 5e-3 for outputs and 1e-2 for gradients in bf16 (issue 5's bounds), 1e-5 in float32."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(4)
     B, H, d = 2, 4, 64
     wq, wk = torch.rand(d, device=dev, generator=g) + 0.5, torch.rand(d, device=dev, generator=g) + 0.5
     for N in (100, 1037, 4096):
-        qkv = torch.randn(B, N, 3 * H * d, device=dev, dtype=dtype, generator=g, requires_grad=True)
+        qkv = torch.randn(B, N, 3 * H * d, device=dev, generator=g).to(dtype)
         cos, sin = rope_cos_sin(torch.randn(N, 3, device=dev, generator=g) * 10, (16, 24, 24))
-        x = torch.randn(B, N, H * d, device=dev, dtype=dtype, generator=g, requires_grad=True)
-        shift, scale, gate = (torch.randn(B, H * d, device=dev, dtype=dtype, generator=g) for _ in range(3))
+        x = torch.randn(B, N, H * d, device=dev, generator=g).to(dtype)
+        shift, scale, gate = (torch.randn(B, H * d, device=dev, generator=g).to(dtype) for _ in range(3))
         res = {}
-        for name, (a, b, c) in {"fused": (fused.qkv_heads, fused.ln_modulate, fused.gated_residual),
-                                "ref": (fused.qkv_heads_ref, fused.ln_modulate_ref, fused.gated_residual_ref)}.items():
-            q, k, v = a([qkv], [wq], [wk], H, 1e-6, cos, sin)
-            h = b(x, shift, scale)
-            r = c(x, gate, h, h)
-            loss = (q.float() * k.float()).sum() + r.float().square().sum()
-            res[name] = (q, k, r, *torch.autograd.grad(loss, (qkv, x)))
-        for got, want in zip(res["fused"], res["ref"]):
-            err = (got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt()
-            assert err < (5e-3 if dtype == torch.bfloat16 else 1e-5), (N, float(err))
+        for name, cast in (("fused", lambda t: t), ("ref", lambda t: t.double())):
+            ops = (fused.qkv_heads, fused.ln_modulate, fused.gated_residual) if name == "fused" else (
+                fused.qkv_heads_ref, fused.ln_modulate_ref, fused.gated_residual_ref)
+            a_in, x_in = cast(qkv).requires_grad_(True), cast(x).requires_grad_(True)
+            q, k, v = ops[0]([a_in], [cast(wq)], [cast(wk)], H, 1e-6, cast(cos), cast(sin))
+            h = ops[1](x_in, cast(shift), cast(scale))
+            r = ops[2](x_in, cast(gate), h, h)
+            loss = (q.double() * k.double()).sum() + r.double().square().sum()
+            res[name] = ((q, k, r), torch.autograd.grad(loss, (a_in, x_in)))
+        for kind, bound in (("out", 5e-3), ("grad", 1e-2)):
+            for got, want in zip(res["fused"][kind == "grad"], res["ref"][kind == "grad"]):
+                err = (got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()
+                assert err < (bound if dtype == torch.bfloat16 else 1e-5), (kind, N, float(err))

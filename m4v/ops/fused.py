@@ -104,8 +104,8 @@ def _compiled(fn: Callable, backend: str) -> Callable:
 
 
 def use_compiled(x: torch.Tensor) -> bool:
-    """The compiled kernels for CUDA tensors, unless M4V_DISABLE_TRITON=1 or an outer compile is tracing."""
-    if not x.is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1":
+    """The compiled kernels for CUDA tensors, unless M4V_FUSED=0, M4V_DISABLE_TRITON=1 or an outer compile traces."""
+    if not x.is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1" or os.environ.get("M4V_FUSED", "1") == "0":
         return False
     return not torch.compiler.is_compiling()
 
