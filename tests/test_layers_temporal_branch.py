@@ -11,8 +11,11 @@ def _rms(x, w):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 
 
-def reference(tb: TemporalBranch, h: torch.Tensor, sizes):
-    """Loop-by-loop reading of the paper's temporal branch, float64."""
+def reference(tb: TemporalBranch, h: torch.Tensor, sizes, pool=None, unpool=None):
+    """Loop-by-loop reading of the paper's temporal branch, float64.
+
+    ``pool(frame [B, a, b, D], hs, ws)`` / ``unpool(out [B, hs, ws, D], a, b)`` replace the block mean and the
+    block repeat (for grids that are not whole blocks of the smallest one)."""
     B, _, D = h.shape
     nh, hd = tb.num_heads, D // tb.num_heads
     H, W = sizes[-1]
@@ -25,6 +28,9 @@ def reference(tb: TemporalBranch, h: torch.Tensor, sizes):
         off += a * b
     tokens = []  # each [B, hs, ws, D] pooled / strided
     for (a, b), f in zip(sizes[:-1], frames[:-1]):
+        if pool is not None:
+            tokens.append(pool(f, hs, ws))
+            continue
         fa, fb = a // hs, b // ws
         pooled = torch.zeros(B, hs, ws, D, dtype=torch.float64)
         for i in range(hs):
@@ -51,6 +57,9 @@ def reference(tb: TemporalBranch, h: torch.Tensor, sizes):
         out[..., sl] = o.reshape(B, T, hs, ws, hd)
     res = []
     for t, (a, b) in enumerate(sizes[:-1]):
+        if unpool is not None:
+            res.append(unpool(out[:, t], a, b).reshape(B, a * b, D))
+            continue
         fa, fb = a // hs, b // ws
         res.append(out[:, t].repeat_interleave(fa, 1).repeat_interleave(fb, 2).reshape(B, a * b, D))
     cur = torch.zeros(B, H, W, D, dtype=torch.float64)
@@ -71,6 +80,33 @@ def test_matches_loop_reference():
         out = tb(h, sizes)
         ref = reference(tb, h, sizes)
         assert torch.allclose(out, ref, atol=1e-10), sizes
+
+
+def test_history_grid_not_in_whole_blocks_uses_adaptive_pooling():
+    """A history grid that is not a whole number of smallest-grid blocks (5x5 over 2x2): adaptive average
+    pooling in, nearest upsampling out, each cell computed here from its own window."""
+    def pool(f, hs, ws):  # adaptive pooling window of cell (i, j): rows floor(i*a/hs) .. ceil((i+1)*a/hs)
+        B, a, b, D = f.shape
+        out = torch.zeros(B, hs, ws, D, dtype=f.dtype)
+        for i in range(hs):
+            for j in range(ws):
+                r0, r1 = (i * a) // hs, -(-((i + 1) * a) // hs)
+                c0, c1 = (j * b) // ws, -(-((j + 1) * b) // ws)
+                out[:, i, j] = f[:, r0:r1, c0:c1].mean((1, 2))
+        return out
+
+    def unpool(o, a, b):  # nearest: cell (r, c) reads (floor(r*hs/a), floor(c*ws/b))
+        hs, ws = o.shape[1:3]
+        rows = torch.tensor([(r * hs) // a for r in range(a)])
+        cols = torch.tensor([(c * ws) // b for c in range(b)])
+        return o[:, rows][:, :, cols]
+
+    torch.manual_seed(3)
+    tb = TemporalBranch(8, 2).double()
+    sizes = [(2, 2), (5, 5), (10, 10)]
+    h = torch.randn(2, sum(a * b for a, b in sizes), 8, dtype=torch.float64)
+    ref = reference(tb, h, sizes, pool=pool, unpool=unpool)
+    assert torch.allclose(tb(h, sizes), ref, atol=1e-10)
 
 
 def test_no_frame_sees_a_later_one():

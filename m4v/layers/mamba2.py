@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
-from m4v.layers.norms import GatedRMSNorm, upcast
+from m4v.layers.norms import GatedRMSNorm
 from m4v.ops import causal_conv1d, ssd
+from m4v.ops.norm import upcast
 
 
 class Mamba2Mixer(nn.Module):

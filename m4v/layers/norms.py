@@ -9,11 +9,6 @@ from m4v.ops.fused import rms_norm  # compiled on CUDA, the torch reference else
 from m4v.ops.norm import gated_rms_norm  # fused Triton kernel on CUDA, the torch reference elsewhere
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision tensors, unchanged otherwise (float64 stays float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension with a learnable scale (computed in float32)."""
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m4v.layers.norms import RMSNorm, upcast
+from m4v.layers.norms import RMSNorm
 from m4v.ops.fused import fold_heads
+from m4v.ops.norm import upcast
 
 
 def _runs(sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:

@@ -18,16 +18,17 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from m4v.ops.norm import upcast
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+def _rms_float(xf: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``xf / rms(xf) * weight`` over the last dimension, in xf's (float) dtype."""
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dimension, float32 math for half inputs, output in x's dtype."""
-    xf = _upcast(x)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.to(xf.dtype)).to(x.dtype)
+    return _rms_float(upcast(x), weight, eps).to(x.dtype)
 
 
 def _rotate(xf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,8 @@ def qkv_heads_ref(
     qs, ks, vs = [], [], []
     for qkv, wq, wk in zip(qkvs, q_weights, k_weights):
         q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)  # [B, N_i, heads, d]
-        qf, kf = _upcast(q), _upcast(k)
-        qs.append(qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + eps) * wq.to(qf.dtype))
-        ks.append(kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps) * wk.to(kf.dtype))
+        qs.append(_rms_float(upcast(q), wq, eps))  # rotated before the one cast back
+        ks.append(_rms_float(upcast(k), wk, eps))
         vs.append(v)
     q, k, v = (t[0] if len(t) == 1 else torch.cat(t, 1) for t in (qs, ks, vs))
     if cos is not None:
@@ -82,7 +82,7 @@ def fold_heads_ref(
 
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """adaLN: ``LayerNorm(x) * (1 + scale) + shift`` (no affine LayerNorm, float32 norm), per-sample [B, D]."""
-    h = F.layer_norm(_upcast(x), x.shape[-1:], eps=eps).to(x.dtype)
+    h = F.layer_norm(upcast(x), x.shape[-1:], eps=eps).to(x.dtype)
     return h * (1 + scale[:, None]) + shift[:, None]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors, unchanged otherwise (float64 stays float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -39,7 +39,7 @@ def gated_rms_norm_torch(
     Math in float32 for half-precision inputs (float64 stays float64), exactly as GatedRMSNorm.forward.
     """
     _check(y, z, weight, group_size)
-    g = (_upcast(y) * F.silu(_upcast(z))).unflatten(-1, (-1, group_size))
+    g = (upcast(y) * F.silu(upcast(z))).unflatten(-1, (-1, group_size))
     g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
     return (g.flatten(-2) * weight.to(g.dtype)).to(y.dtype)
 
@@ -79,4 +79,4 @@ def gated_rms_norm(
     return gated_rms_norm_torch(y, z, weight, group_size, eps)
 
 
-__all__ = ["gated_rms_norm", "gated_rms_norm_torch"]
+__all__ = ["gated_rms_norm", "gated_rms_norm_torch", "upcast"]
