@@ -168,6 +168,7 @@ class M4VTransformer(ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         history: Sequence[torch.Tensor] = (),
         return_dict: bool = True,
+        context: SequenceContext | None = None,
     ) -> M4VTransformerOutput | tuple[torch.Tensor]:
         """Velocity of the current noisy frame.
 
@@ -175,6 +176,8 @@ class M4VTransformer(ModelMixin, ConfigMixin):
         encoder_hidden_states [B, L, text_dim] text token states with encoder_attention_mask [B, L]
         (True = real token); pooled_projections [B, pooled_dim]; history: earlier latent frames in
         time order, each [B, C, h, w] at any pyramid resolution (h, w divisible by the patch size).
+        ``context``: the token layout built by ``sequence_context`` for these shapes and this text mask (CUDA
+        graphs build it before capture: it holds the host-built index plans); built here when None.
         """
         p = self.config.patch_size
         frames = self._frames(hidden_states, history)
@@ -184,15 +187,15 @@ class M4VTransformer(ModelMixin, ConfigMixin):
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
         sizes = [(f.shape[2] // p, f.shape[3] // p) for f in frames]
-        ctx = SequenceContext(
-            text_mask=encoder_attention_mask.bool(),
-            sizes=sizes,
-            axes_dims=tuple(self.config.axes_dims_rope),
-            rope_theta=self.config.rope_theta,
-            recompose_text=self.config.text_recomposition,
-            registers=self.config.registers,
-        )
-        ctx.prepare(self._paths, self._has_attention)
+        if context is None:
+            ctx = self.sequence_context(sizes, encoder_attention_mask)
+        elif list(context.sizes) != sizes or context.text_mask.shape != (B, L):
+            raise ValueError(
+                f"context: built for token grids {list(context.sizes)} and text mask "
+                f"{tuple(context.text_mask.shape)}, got {sizes} and {(B, L)}"
+            )
+        else:
+            ctx = context
         dtype = self.x_embedder.weight.dtype
         vis = self.x_embedder(torch.cat([patchify(f.to(dtype), p) for f in frames], 1))
         txt = self.context_embedder(encoder_hidden_states.to(dtype))
@@ -208,6 +211,24 @@ class M4VTransformer(ModelMixin, ConfigMixin):
         out = self.proj_out(ln_modulate(cur, shift, scale))
         out = unpatchify(out, p, self.config.in_channels, h, w).to(hidden_states.dtype)
         return M4VTransformerOutput(sample=out) if return_dict else (out,)
+
+    def sequence_context(self, sizes: Sequence[tuple[int, int]], text_mask: torch.Tensor) -> SequenceContext:
+        """Token layout of one forward (re-composition plans, RoPE, mask) for frame token grids ``sizes``."""
+        ctx = SequenceContext(
+            text_mask=text_mask.bool(),
+            sizes=[(int(h), int(w)) for h, w in sizes],
+            axes_dims=tuple(self.config.axes_dims_rope),
+            rope_theta=self.config.rope_theta,
+            recompose_text=self.config.text_recomposition,
+            registers=self.config.registers,
+        )
+        ctx.prepare(self._paths, self._has_attention)
+        return ctx
+
+    def token_grids(self, hidden_states: torch.Tensor, history: Sequence[torch.Tensor] = ()) -> list[tuple[int, int]]:
+        """Token grid (h, w) of every frame of a forward's input, history first."""
+        p = self.config.patch_size
+        return [(f.shape[2] // p, f.shape[3] // p) for f in self._frames(hidden_states, history)]
 
     def _run(self, block: nn.Module, *args):  # noqa: ANN202 - returns what the block returns
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from m4v.models.cuda_graphs import CUDAGraphTransformer, cuda_graphs_enabled
 from m4v.models.text_encoders import TextEmbeddings, TextEncoder, load_text_encoder
 from m4v.models.transformer import M4VTransformer
 from m4v.models.vae import VideoVAE
@@ -177,26 +179,33 @@ class M4VPipeline(DiffusionPipeline):
         x: torch.Tensor,
         t: torch.Tensor,
         history: list[torch.Tensor],
-        cond: TextEmbeddings,
-        uncond: TextEmbeddings,
+        transformer: Callable[..., torch.Tensor],
         scale: float,
     ) -> torch.Tensor:
-        """Classifier-free guided velocity, conditional and unconditional in one batch."""
+        """Classifier-free guided velocity; ``transformer(xs, t, history)`` runs the conditional and unconditional
+        batch together (the conditional batch alone when ``scale`` is 1)."""
         B = x.shape[0]
         if scale == 1.0:
-            txt, batch_hist, xs = cond, history, x
-        else:
-            txt = TextEmbeddings(*(torch.cat([u, c]) for u, c in zip(uncond, cond)))
-            batch_hist = [torch.cat([h, h]) for h in history]
-            xs = torch.cat([x, x])
-        tt = t.expand(xs.shape[0]).to(xs.device)
-        v = self.transformer(
-            xs, tt, txt.token_states, txt.pooled, txt.attention_mask, history=batch_hist
-        ).sample.float()
-        if scale == 1.0:
-            return v
+            return transformer(x, t.expand(B).to(x.device), history).float()
+        batch_hist = [torch.cat([h, h]) for h in history]
+        v = transformer(torch.cat([x, x]), t.expand(2 * B).to(x.device), batch_hist).float()
         v_u, v_c = v[:B], v[B:]
         return v_u + scale * (v_c - v_u)
+
+    def _transformer_calls(self, cond: TextEmbeddings, uncond: TextEmbeddings, cuda_graphs: bool | None) -> dict:
+        """One transformer call per text batch (key: guided or not), through CUDA graphs where enabled."""
+        guided = TextEmbeddings(*(torch.cat([u, c]) for u, c in zip(uncond, cond)))
+        graphs = cuda_graphs_enabled(cuda_graphs, self.transformer)
+        calls = {}
+        for key, txt in ((False, cond), (True, guided)):
+            if graphs:
+                calls[key] = CUDAGraphTransformer(self.transformer, txt.token_states, txt.pooled, txt.attention_mask)
+            else:
+                calls[key] = partial(self._eager_transformer, txt)
+        return calls
+
+    def _eager_transformer(self, txt: TextEmbeddings, x: torch.Tensor, t: torch.Tensor, history: list) -> torch.Tensor:
+        return self.transformer(x, t, txt.token_states, txt.pooled, txt.attention_mask, history=history).sample
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -219,6 +228,7 @@ class M4VPipeline(DiffusionPipeline):
         sqg_start_frame: int = 8,
         sqg_stages: Sequence[int] | None = None,
         return_dict: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> M4VPipelineOutput | tuple:
         """Generate videos.
 
@@ -228,6 +238,8 @@ class M4VPipeline(DiffusionPipeline):
         ``self_quality_guidance`` > 0 enables paper E.3 (eqs. 8-10) from latent frame ``sqg_start_frame`` on,
         in ``sqg_stages`` (default: the last stage): ``v = v_l + w (v_h - v_l)`` where ``v_h`` is the guided
         velocity without history (the model's text-to-image mode).
+        ``cuda_graphs``: replay one CUDA graph per (frame, stage) shape (``m4v.models.cuda_graphs``); default on
+        on a CUDA device, off with ``M4V_CUDA_GRAPHS=0``; True where they cannot run is an error.
         """
         guidance_scale = self.default_guidance[0] if guidance_scale is None else guidance_scale
         video_guidance_scale = self.default_guidance[1] if video_guidance_scale is None else video_guidance_scale
@@ -247,6 +259,7 @@ class M4VPipeline(DiffusionPipeline):
         if len(negatives) != B:
             raise ValueError(f"negative_prompt: got {len(negatives)} for {B} prompts")
         cond, uncond = self.encode_prompt(prompts, negatives)
+        calls = self._transformer_calls(cond, uncond, cuda_graphs)
 
         device = self._execution_device
         C = self.transformer.config.in_channels
@@ -266,9 +279,9 @@ class M4VPipeline(DiffusionPipeline):
                     history = temporal_pyramid_history(clean, stage, S)
                     use_sqg = self_quality_guidance > 0 and n >= sqg_start_frame and stage in sqg_stages and history
                     for i, t in enumerate(self.scheduler.timesteps_for_stage(stage)):
-                        v = self._velocity(x, t, history, cond, uncond, scale)
+                        v = self._velocity(x, t, history, calls[scale != 1.0], scale)
                         if use_sqg:
-                            v_h = self._velocity(x, t, [], cond, uncond, scale)
+                            v_h = self._velocity(x, t, [], calls[scale != 1.0], scale)
                             v = v + self_quality_guidance * (v_h - v)
                         x = self.scheduler.step(v, stage, i, x).prev_sample
                         if callback is not None:
