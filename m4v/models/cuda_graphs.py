@@ -39,6 +39,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]  # [hidden_states, timestep, *history], read by the graph
     output: torch.Tensor  # written by every replay
+    context: SequenceContext  # its index plans, RoPE tables and mask are read by the graph: kept alive with it
 
 
 class CUDAGraphTransformer:
@@ -101,6 +102,6 @@ class CUDAGraphTransformer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = self._forward(static, ctx)
-        self.graphs[key] = _Graph(graph, static, output)
+        self.graphs[key] = _Graph(graph, static, output, ctx)
         self.captures += 1
         return out
