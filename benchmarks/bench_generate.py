@@ -8,7 +8,8 @@ number of steps; the sum is the generation's transformer time, the VAE decode of
 timed once.  ``--attention sdpa,flex`` times each attention backend (``M4V_ATTENTION``: dense-mask SDPA or
 FlexAttention's block-sparse temporal-causal mask) per layout; each JSON row records its backend.
 ``--cuda-graphs off,on`` times eager forwards and/or the pipeline's CUDA graphs (``m4v.models.cuda_graphs``: per
-shape the first call runs eagerly and captures, timed once with host synchronisation, the other steps replay).
+shape up to its token limit the first call runs eagerly and captures, timed once with host synchronisation, the
+other steps replay; larger shapes run eagerly; ``--graph-tokens`` overrides the limit).
 The pseudo-layout ``no_mixer`` is full_attn with every single-stream block's mixer returning zeros: the time
 left when the single-stream mixers cost nothing, so full_attn / no_mixer bounds any full_temp speed-up.
 
@@ -58,7 +59,8 @@ def build(config: str, layout: str, device: str) -> M4VTransformer:
 
 
 def transformer_time(  # noqa: ANN001
-    model, num_frames: int, h: int, w: int, reps: int, text_len: int = 128, graphs: bool = False
+    model, num_frames: int, h: int, w: int, reps: int, text_len: int = 128, graphs: bool = False,
+    graph_tokens: int | None = None,
 ) -> dict:
     dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
     B, C = 2, model.config.in_channels
@@ -77,11 +79,13 @@ def transformer_time(  # noqa: ANN001
         t = torch.full((B,), 500.0, device=dev)
         first = None
         with torch.no_grad():
-            if not graphs:
+            graphed = None
+            if graphs:
+                graphed = CUDAGraphTransformer(model, txt, pooled, mask, max_graphs=1, max_tokens=graph_tokens)
+            if graphed is None or not graphed.uses_graph(x, hist):  # eager (the pipeline's too, over the limit)
                 ms = bench(lambda: model(x, t, txt, pooled, mask, history=hist), warmup=1, rep=reps)
                 total_ms += steps * ms
             else:
-                graphed = CUDAGraphTransformer(model, txt, pooled, mask, max_graphs=1)
                 model(x, t, txt, pooled, mask, history=hist)  # one-time set-up, as the eager warm-up
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -148,6 +152,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--attention", type=backends, default=["sdpa"], help="comma list of sdpa, flex (default sdpa)")
     ap.add_argument("--cuda-graphs", type=on_off, default=[False], help="comma list of off, on (default off)")
+    ap.add_argument("--graph-tokens", type=int, default=None, help="largest captured shape (default: the pipeline's)")
     args = ap.parse_args()
     h, w = args.height // 8, args.width // 8
     rows = []
@@ -160,7 +165,7 @@ def main() -> None:
                     if torch.cuda.is_available():
                         torch.cuda.reset_peak_memory_stats()
                     compiled = counters["stats"]["unique_graphs"]
-                    r = transformer_time(model, nf, h, w, args.reps, graphs=graphs)
+                    r = transformer_time(model, nf, h, w, args.reps, graphs=graphs, graph_tokens=args.graph_tokens)
                     r["compiled_graphs"] = counters["stats"]["unique_graphs"] - compiled  # flex recompiles show here
                     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                     r.update(layout=layout, attention=attn, cuda_graphs=graphs, frames=nf, peak_gib=peak)

@@ -83,8 +83,23 @@ def test_graph_replay_matches_eager(layout):
     for o, r in zip(outs, refs):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
         assert o.abs().max() > 0
-    assert graphed.captures == 7  # six shapes, the last one evicted before it came back (at most 2 kept)
+    assert graphed.num_captures == 7  # six shapes, the last one evicted before it came back (at most 2 kept)
     assert len(graphed.graphs) == 2
+
+
+@cuda
+def test_shapes_over_the_token_limit_run_eagerly():
+    model = tiny_model(layout="full_temp").cuda().eval()
+    kw = inputs()
+    txt, pooled = kw["encoder_hidden_states"].cuda(), kw["pooled_projections"].cuda()
+    mask = kw["encoder_attention_mask"].cuda()
+    calls = _pyramid_calls(2)[:6]  # first frame: 4, 16 and 64 video tokens (patch 2), 7 text tokens
+    graphed = CUDAGraphTransformer(model, txt, pooled, mask, max_tokens=7 + 16)
+    with torch.no_grad():
+        for x, t, hist in calls:
+            torch.testing.assert_close(graphed(x, t, hist), model(x, t, txt, pooled, mask, history=hist).sample,
+                                       rtol=1e-5, atol=1e-5)
+    assert graphed.num_captures == 2 and [graphed.uses_graph(x, h) for x, _, h in calls[::2]] == [True, True, False]
 
 
 @cuda

@@ -1,8 +1,10 @@
 """CUDA graphs for generation (issue 5): one captured transformer forward per input shape, replayed per step.
 
-Below ~8,000 tokens a forward of the paper-scale model is host-bound: the GPU waits for Python to launch a few
-thousand small kernels. A pyramid generation runs every (frame, stage) shape for 10-20 Euler steps, so the
-launches of one step are captured once and replayed for the rest of the stage.
+Below a few thousand tokens a forward of the paper-scale model is host-bound: the GPU waits for Python to launch a
+few thousand small kernels. A pyramid generation runs every (frame, stage) shape for 10-20 Euler steps, so the
+launches of one step are captured once and replayed for the rest of the stage. Capturing costs about one more
+host pass plus the graph's instantiation, so larger shapes, where the GPU is busy anyway, run eagerly
+(``graph_token_limit``; measured on an H100, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def cuda_graphs_enabled(requested: bool | None, model: torch.nn.Module) -> bool:
     return bool(requested)
 
 
+def graph_token_limit(width: int) -> int:
+    """Largest sequence (text + video tokens) captured by default: 4,096 at width 1920, the measured crossover of
+    the m4v-768p model on an H100; GPU work per token grows with width squared, host work does not."""
+    return int(4096 * (1920 / width) ** 2)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -50,6 +58,7 @@ class CUDAGraphTransformer:
     warm-up capture needs; its result is returned) and captures the same forward; later calls copy their inputs
     into the graph's buffers and replay it. The ``max_graphs`` most recently used graphs are kept: a pyramid
     generation meets its shapes in order, so each graph serves one stage (two with self-quality guidance).
+    Shapes of more than ``max_tokens`` tokens (default ``graph_token_limit(width)``) run eagerly.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class CUDAGraphTransformer:
         pooled_projections: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         max_graphs: int = 2,
+        max_tokens: int | None = None,
     ) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs: must be >= 1, got {max_graphs}")
@@ -66,18 +76,27 @@ class CUDAGraphTransformer:
         self.model = model
         self.text = (encoder_hidden_states, pooled_projections, encoder_attention_mask)
         self.max_graphs = max_graphs
+        self.max_tokens = graph_token_limit(model.config.width) if max_tokens is None else max_tokens
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.captures = 0
+        self.num_captures = 0
 
     def _forward(self, inputs: Sequence[torch.Tensor], ctx: SequenceContext) -> torch.Tensor:
         x, t, *history = inputs
         txt, pooled, mask = self.text
         return self.model(x, t, txt, pooled, mask, history=history, return_dict=False, context=ctx)[0]
 
+    def uses_graph(self, hidden_states: torch.Tensor, history: Sequence[torch.Tensor] = ()) -> bool:
+        """Whether inputs of these shapes go through a graph (else an eager forward)."""
+        grids = self.model.token_grids(hidden_states, history)
+        return self.text[0].shape[1] + sum(h * w for h, w in grids) <= self.max_tokens
+
     @torch.no_grad()
     def __call__(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, history: Sequence[torch.Tensor] = ()
     ) -> torch.Tensor:
+        if not self.uses_graph(hidden_states, history):
+            txt, pooled, mask = self.text
+            return self.model(hidden_states, timestep, txt, pooled, mask, history=history, return_dict=False)[0]
         inputs = [hidden_states, timestep, *history]
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
         entry = self.graphs.get(key)
@@ -103,5 +122,5 @@ class CUDAGraphTransformer:
         with torch.cuda.graph(graph):
             output = self._forward(static, ctx)
         self.graphs[key] = _Graph(graph, static, output, ctx)
-        self.captures += 1
+        self.num_captures += 1
         return out
