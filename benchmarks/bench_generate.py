@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import bench, environment, write_json  # noqa: E402
 
+from m4v.eval.flops import generation_flops, resolved_config  # noqa: E402
 from m4v.layers.attention import attention_backend  # noqa: E402
 from m4v.models import M4VTransformer, named_config  # noqa: E402
 from m4v.models.cuda_graphs import CUDAGraphTransformer  # noqa: E402
@@ -168,7 +169,10 @@ def main() -> None:
                     r = transformer_time(model, nf, h, w, args.reps, graphs=graphs, graph_tokens=args.graph_tokens)
                     r["compiled_graphs"] = counters["stats"]["unique_graphs"] - compiled  # flex recompiles show here
                     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-                    r.update(layout=layout, attention=attn, cuda_graphs=graphs, frames=nf, peak_gib=peak)
+                    cfg = resolved_config(args.config, layout="full_attn" if layout == "no_mixer" else layout)
+                    flops = generation_flops(cfg, args.height, args.width, nf, mixers=layout != "no_mixer").total
+                    r.update(layout=layout, attention=attn, cuda_graphs=graphs, frames=nf, peak_gib=peak,
+                             pflops=2 * flops / 1e15)  # the guidance batch of 2
                     rows.append(r)
                     write_json(args.out, dict(environment(), benchmark="end-to-end generation (issue 5c)", rows=rows))
                     print(
@@ -193,10 +197,13 @@ def main() -> None:
                 t = {r["layout"]: r["transformer_s"] for r in rows
                      if r["frames"] == nf and r["attention"] == attn and r["cuda_graphs"] == graphs}
                 what = f"at {nf} frames ({attn}, CUDA graphs {'on' if graphs else 'off'})"
+                fl = {r["layout"]: r["pflops"] for r in rows if r["frames"] == nf}
                 if "full_attn" in t and "full_temp" in t:
-                    print(f"speed-up full_temp vs full_attn {what}: {t['full_attn'] / t['full_temp']:.2f}x")
+                    print(f"speed-up full_temp vs full_attn {what}: {t['full_attn'] / t['full_temp']:.2f}x "
+                          f"(FLOP ratio {fl['full_attn'] / fl['full_temp']:.2f}x)")
                 if "full_attn" in t and "no_mixer" in t:
-                    print(f"ceiling (single-stream mixers free) {what}: {t['full_attn'] / t['no_mixer']:.2f}x")
+                    print(f"ceiling (single-stream mixers free) {what}: {t['full_attn'] / t['no_mixer']:.2f}x "
+                          f"(FLOP ratio {fl['full_attn'] / fl['no_mixer']:.2f}x)")
     for layout in args.layouts:
         for nf in args.frames:
             for key, a, b in (("attention", "sdpa", "flex"), ("cuda_graphs", False, True)):

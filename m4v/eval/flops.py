@@ -13,7 +13,7 @@ Parallel layout: Mamba plus attention without its own output projection (they sh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import torch
 
@@ -49,10 +49,11 @@ def last_step_frame_grids(
 class LayerCounts:
     dual_attention: float
     single_mixers: float
+    mlp: float = 0.0  # counted by forward_flops / generation_flops only
 
     @property
     def total(self) -> float:
-        return self.dual_attention + self.single_mixers
+        return self.dual_attention + self.single_mixers + self.mlp
 
 
 def attention_flops(n: int, d: int, projections: int = 4) -> float:
@@ -97,6 +98,48 @@ def mixer_flops(cfg: dict, grids: list[tuple[int, int]], text_len: int = 128) ->
         else:
             single += mamba_flops(n_seq, d, cfg) + attention_flops(n_attn, d, projections=3)
     return LayerCounts(cfg["num_dual_layers"] * attention_flops(n_attn, d), single)
+
+
+def forward_flops(cfg: dict, grids: list[tuple[int, int]], text_len: int = 128, mixers: bool = True) -> LayerCounts:
+    """FLOPs of one whole forward pass (batch 1): the mixers as above plus every block's MLP (2 x 2*N*D*hidden);
+    embeddings, adaLN and norms are left out (under 1%). ``mixers=False`` drops the single-stream mixers."""
+    counts = mixer_flops(cfg, grids, text_len)
+    n = text_len + sum(h * w for h, w in grids)
+    d = cfg["width"]
+    mlp = 4.0 * n * d * int(d * cfg["mlp_ratio"]) * (cfg["num_dual_layers"] + cfg["num_single_layers"])
+    return LayerCounts(counts.dual_attention, counts.single_mixers if mixers else 0.0, mlp)
+
+
+def generation_flops(
+    cfg: dict,
+    height: int,
+    width: int,
+    num_frames: int,
+    steps: tuple[int, int] = (20, 10),
+    stages: int = 3,
+    text_len: int = 128,
+    vae_spatial: int = 8,
+    vae_temporal: int = 8,
+    mixers: bool = True,
+) -> LayerCounts:
+    """Whole-forward FLOPs of a pyramid generation (batch 1, no guidance batch) summed over every (frame, stage)
+    shape: ``steps`` Euler steps per stage for the first latent frame and for the later ones (PyramidFlow: 20, 10)."""
+    from m4v.schedulers import temporal_pyramid_history
+
+    p = cfg["patch_size"]
+    h, w = height // vae_spatial, width // vae_spatial
+    clean: list[torch.Tensor] = []
+    total = LayerCounts(0.0, 0.0, 0.0)
+    for n in range(1 + (num_frames - 1) // vae_temporal):
+        for stage in range(stages):
+            hist = temporal_pyramid_history(clean, stage, stages)
+            f = 2 ** (stages - 1 - stage)
+            grids = [(a.shape[-2] // p, a.shape[-1] // p) for a in hist] + [(h // f // p, w // f // p)]
+            c = forward_flops(cfg, grids, text_len, mixers)
+            k = steps[0] if n == 0 else steps[1]
+            total = LayerCounts(*(a + k * b for a, b in zip(astuple(total), astuple(c))))
+        clean.append(torch.empty(1, 1, h, w, device="meta"))
+    return total
 
 
 def resolved_config(name: str, **overrides: object) -> dict:

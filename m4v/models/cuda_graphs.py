@@ -23,12 +23,13 @@ from m4v.models.transformer import M4VTransformer
 def cuda_graphs_enabled(requested: bool | None, model: torch.nn.Module) -> bool:
     """Whether a generation should replay CUDA graphs: on CUDA by default, off with ``M4V_CUDA_GRAPHS=0``.
 
-    Off for models that are not an ``M4VTransformer`` on one CUDA device or that carry accelerate offload hooks
-    (their weights move between forwards). ``requested=True`` where graphs cannot run is an error.
+    Off for models that are not an ``M4VTransformer`` on one CUDA device, or whose weights move between forwards
+    (accelerate offload hooks, FSDP-sharded parameters). ``requested=True`` where graphs cannot run is an error.
     """
     params = list(model.parameters())
     on_cuda = bool(params) and all(p.is_cuda for p in params) and len({p.device for p in params}) == 1
-    capable = isinstance(model, M4VTransformer) and on_cuda and not hasattr(model, "_hf_hook")
+    sharded = any(type(p.data).__name__ == "DTensor" for p in params)  # FSDP2: weights gathered per forward
+    capable = isinstance(model, M4VTransformer) and on_cuda and not sharded and not hasattr(model, "_hf_hook")
     if requested is None:
         return capable and os.environ.get("M4V_CUDA_GRAPHS", "1") != "0"
     if requested and not capable:
