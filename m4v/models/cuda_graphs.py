@@ -33,7 +33,7 @@ def cuda_graphs_enabled(requested: bool | None, model: torch.nn.Module) -> bool:
     if requested is None:
         return capable and os.environ.get("M4V_CUDA_GRAPHS", "1") != "0"
     if requested and not capable:
-        raise ValueError("cuda_graphs: needs the M4V transformer on one CUDA device, without offload hooks")
+        raise ValueError("cuda_graphs: needs the M4V transformer on one CUDA device (no offload hooks, no FSDP)")
     return bool(requested)
 
 
