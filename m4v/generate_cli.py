@@ -8,7 +8,8 @@ import sys
 import warnings
 from importlib import resources
 
-SQG_START_FRAME = 8  # M4VPipeline's default sqg_start_frame (paper E.3: from the 8th latent frame on)
+from m4v.defaults import SQG_START_FRAME
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 

@@ -21,6 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from m4v.defaults import SQG_START_FRAME
 from m4v.models.cuda_graphs import CUDAGraphTransformer, cuda_graphs_enabled
 from m4v.models.text_encoders import TextEmbeddings, TextEncoder, load_text_encoder
 from m4v.models.transformer import M4VTransformer
@@ -225,7 +226,7 @@ class M4VPipeline(DiffusionPipeline):
         output_type: str = "np",
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
         self_quality_guidance: float = 0.0,
-        sqg_start_frame: int = 8,
+        sqg_start_frame: int = SQG_START_FRAME,
         sqg_stages: Sequence[int] | None = None,
         return_dict: bool = True,
         cuda_graphs: bool | None = None,
