@@ -100,14 +100,15 @@ class CUDAGraphTransformer:
             return self.model(hidden_states, timestep, txt, pooled, mask, history=history, return_dict=False)[0]
         inputs = [hidden_states, timestep, *history]
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            return self._capture(key, inputs)
-        self.graphs.move_to_end(key)
-        for buf, a in zip(entry.inputs, inputs):
-            buf.copy_(a)
-        entry.graph.replay()
-        return entry.output.clone()
+        with torch.cuda.device(hidden_states.device):  # streams and capture on the model's GPU, not the current one
+            entry = self.graphs.get(key)
+            if entry is None:
+                return self._capture(key, inputs)
+            self.graphs.move_to_end(key)
+            for buf, a in zip(entry.inputs, inputs):
+                buf.copy_(a)
+            entry.graph.replay()
+            return entry.output.clone()
 
     def _capture(self, key: tuple, inputs: list[torch.Tensor]) -> torch.Tensor:
         while len(self.graphs) >= self.max_graphs:
