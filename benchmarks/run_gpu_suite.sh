@@ -14,10 +14,13 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 echo "== GPU kernel tests (bf16, full shapes)"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops_conv_triton.py tests/test_ops_norm_triton.py \
   tests/test_ops_ssd_triton.py -k "gpu or cuda" 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops_fused.py tests/test_models_cuda_graphs.py \
+  -k "cuda or graph" 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
 timeout 30 python3 benchmarks/check_ssd_strided.py 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
 echo "== mixer layers (issue 5b)"
 timeout 110 python3 benchmarks/bench_layers.py --ssd-backends triton --out "$OUT/layers.json" 2>&1 | tail -16
 echo "== end-to-end generation (issue 5c)"
-timeout 200 python3 benchmarks/bench_generate.py --out "$OUT/generate.json" --reps 1 2>&1 | tail -8
+timeout 600 python3 benchmarks/bench_generate.py --out "$OUT/generate.json" --reps 1 \
+  --layouts full_temp full_attn no_mixer --cuda-graphs off,on 2>&1 | tail -14
 echo "== training throughput, one GPU (issue 4)"
 timeout 60 python3 benchmarks/bench_train.py --out "$OUT/train.json" 2>&1 | tail -6
