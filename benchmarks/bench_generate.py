@@ -52,9 +52,14 @@ def without_single_mixers(model: M4VTransformer) -> M4VTransformer:
     return model
 
 
+def model_layout(layout: str) -> str:
+    """The model layout behind a benchmark layout (``no_mixer``: full_attn without its single-stream mixers)."""
+    return "full_attn" if layout == "no_mixer" else layout
+
+
 def build(config: str, layout: str, device: str) -> M4VTransformer:
     with torch.device(device):
-        model = M4VTransformer(**named_config(config, layout="full_attn" if layout == "no_mixer" else layout))
+        model = M4VTransformer(**named_config(config, layout=model_layout(layout)))
     model = model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
     return without_single_mixers(model) if layout == "no_mixer" else model
 
@@ -169,7 +174,7 @@ def main() -> None:
                     r = transformer_time(model, nf, h, w, args.reps, graphs=graphs, graph_tokens=args.graph_tokens)
                     r["compiled_graphs"] = counters["stats"]["unique_graphs"] - compiled  # flex recompiles show here
                     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-                    cfg = resolved_config(args.config, layout="full_attn" if layout == "no_mixer" else layout)
+                    cfg = resolved_config(args.config, layout=model_layout(layout))
                     flops = generation_flops(cfg, args.height, args.width, nf, mixers=layout != "no_mixer").total
                     r.update(layout=layout, attention=attn, cuda_graphs=graphs, frames=nf, peak_gib=peak,
                              pflops=2 * flops / 1e15)  # the guidance batch of 2

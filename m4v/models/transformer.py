@@ -186,7 +186,7 @@ class M4VTransformer(ModelMixin, ConfigMixin):
             encoder_attention_mask = torch.ones(B, L, dtype=torch.bool, device=hidden_states.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
-        sizes = [(f.shape[2] // p, f.shape[3] // p) for f in frames]
+        sizes = self._grids(frames)
         if context is None:
             ctx = self.sequence_context(sizes, encoder_attention_mask)
         elif list(context.sizes) != sizes or context.text_mask.shape != (B, L):
@@ -227,8 +227,11 @@ class M4VTransformer(ModelMixin, ConfigMixin):
 
     def token_grids(self, hidden_states: torch.Tensor, history: Sequence[torch.Tensor] = ()) -> list[tuple[int, int]]:
         """Token grid (h, w) of every frame of a forward's input, history first."""
+        return self._grids(self._frames(hidden_states, history))
+
+    def _grids(self, frames: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
         p = self.config.patch_size
-        return [(f.shape[2] // p, f.shape[3] // p) for f in self._frames(hidden_states, history)]
+        return [(f.shape[2] // p, f.shape[3] // p) for f in frames]
 
     def _run(self, block: nn.Module, *args):  # noqa: ANN202 - returns what the block returns
         if self.gradient_checkpointing and torch.is_grad_enabled():
