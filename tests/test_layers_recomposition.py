@@ -75,3 +75,39 @@ def test_switches_off():
     assert seq[0, :, 0].tolist() == [100, 101, 0, 1, 3, 4, 2]  # [Z, f0, f1 column snake], no registers/Z_r
     t, v = plan.invert(seq)
     assert t[0, :, 0].tolist() == [100, 101] and v[0, :, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_gradients_of_compose_and_invert_match_index_select():
+    """The gather-only backward of compose / invert: the same gradients as autograd of plain index_select (float64)."""
+    torch.manual_seed(0)
+    B, L, D = 2, 4, 5
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    sizes = [(1, 2), (1, 2), (2, 4), (4, 8), (4, 8)]
+    nv = sum(h * w for h, w in sizes)
+    for registers in (True, False):
+        for path in (0, 5):
+            plan = RecompositionPlan.build(sizes, mask, path, registers=registers)
+            vis = torch.randn(B, nv, D, dtype=torch.float64, requires_grad=True)
+            regs = torch.randn(NUM_REGISTER_TYPES, D, dtype=torch.float64, requires_grad=True)
+            y = torch.randn(B, L + plan.visual_len, D, dtype=torch.float64, requires_grad=True)
+            g_seq = torch.randn(B, 2 * L + plan.visual_len, D, dtype=torch.float64)
+            g_vis = torch.randn(B, nv, D, dtype=torch.float64)
+
+            def reference(vis, regs, y, plan=plan):
+                src = torch.cat([regs[None].expand(B, -1, -1), vis], 1)
+                composed = src.index_select(1, plan.vis_index)
+                inverted = y[:, L : L + plan.visual_len].index_select(1, plan.vis_inverse)
+                return composed, inverted
+
+            seq = plan.compose(torch.zeros(B, L, D, dtype=torch.float64), vis, regs)
+            composed = seq[:, L : L + plan.visual_len]
+            inverted = plan.invert(torch.cat([y, torch.zeros(B, L, D, dtype=torch.float64)], 1))[1]
+            want_c, want_i = reference(vis, regs, y)
+            assert torch.equal(composed, want_c) and torch.equal(inverted, want_i)
+            g_c = g_seq[:, L : L + plan.visual_len]
+            got = torch.autograd.grad((composed * g_c).sum() + (inverted * g_vis).sum(), (vis, regs, y))
+            want = torch.autograd.grad((want_c * g_c).sum() + (want_i * g_vis).sum(), (vis, regs, y))
+            for a, e in zip(got, want):
+                assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
+            if not registers:
+                assert torch.equal(got[1], torch.zeros_like(got[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from m4v.layers.norms import GatedRMSNorm
@@ -71,13 +72,20 @@ class Mamba2Mixer(nn.Module):
         nn.init.uniform_(self.conv_bias, -bound, bound)
 
     def split_projection(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Split the in_proj output into z [.., d_inner], xBC [.., conv_dim], dt [.., nheads]."""
-        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        """Split the in_proj output into z [.., d_inner], xBC [.., conv_dim], dt [.., nheads]; padding dropped."""
+        d, c = self.d_inner, self.conv_dim
+        return zxbcdt[..., :d], zxbcdt[..., d : d + c], zxbcdt[..., d + c : d + c + self.nheads]
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """in_proj of ``u``, on CUDA with its output padded to 16-byte rows (``aligned_linear``)."""
+        if hasattr(self.in_proj, "_hf_hook"):  # accelerate's per-module offload moves the weight in its own forward
+            return self.in_proj(u)
+        return aligned_linear(u, self.in_proj.weight, self.in_proj.bias)
 
     def inner(self, u: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Gated SSM output [B, S, d_inner] for input [B, S, d_model]; ``keep`` [B, S] zeroes padding inputs."""
         b, s, _ = u.shape
-        z, xbc, dt = self.split_projection(self.in_proj(u))
+        z, xbc, dt = self.split_projection(self.project(u))
         # padding tokens (keep == False) are zero before the conv and zero after it: the state stays exactly 0
         xbc = causal_conv1d(xbc, self.conv_weight, self.conv_bias, activation="silu", seq_mask=keep)
         x, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
@@ -98,9 +106,26 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.inner(u, keep))
 
 
+def aligned_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, align: int | None = None
+) -> torch.Tensor:
+    """``F.linear`` whose output width is zero-padded to a multiple of ``align`` (default 8 on CUDA, 1 elsewhere).
+
+    cuBLAS takes its fast bf16 kernels only for 16-byte-aligned rows: Mamba2's in_proj at width 1920 has 7710
+    outputs and ran at 245 TFLOP/s on an H100 against 630-690 at 7712 outputs, forward and backward
+    (``benchmarks/results/matmul_align_h100.json``). The weight is padded per call (a copy of the weight, cheap
+    next to the product); the first ``weight.shape[0]`` columns are ``F.linear(x, weight, bias)``.
+    """
+    pad = -weight.shape[0] % (align if align is not None else (8 if x.is_cuda else 1))
+    if pad:
+        weight = F.pad(weight, (0, 0, 0, pad))
+        bias = None if bias is None else F.pad(bias, (0, pad))
+    return F.linear(x, weight, bias)
+
+
 def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
     """Inverse of softplus, used for the dt bias init."""
     return x + torch.log(-torch.expm1(-x))
 
 
-__all__ = ["Mamba2Mixer", "softplus_inverse"]
+__all__ = ["Mamba2Mixer", "aligned_linear", "softplus_inverse"]

@@ -171,7 +171,7 @@ class RecompositionPlan:
         B = visual.shape[0]
         z_l, z_r = self.text.compose(text, right=self.recompose_text)
         src = torch.cat([registers.to(visual.dtype)[None].expand(B, -1, -1), visual], 1)
-        parts = [z_l, src.index_select(1, self.vis_index)]
+        parts = [z_l, _ToScanOrder.apply(src, self.vis_index, self.vis_inverse)]
         if z_r is not None:
             parts.append(z_r)
         return torch.cat(parts, 1)
@@ -181,5 +181,42 @@ class RecompositionPlan:
         L, Lv = self.text_len, self.visual_len
         y_r = y[:, L + Lv :] if self.recompose_text else None
         text = self.text.invert(y[:, :L], y_r)
-        visual = y[:, L : L + Lv].index_select(1, self.vis_inverse)
+        visual = _FromScanOrder.apply(y[:, L : L + Lv], self.vis_index, self.vis_inverse)
         return text, visual
+
+
+class _ToScanOrder(torch.autograd.Function):
+    """``src[:, vis_index]`` for ``src = [registers, visual tokens]``, with a backward made of gathers.
+
+    ``index_select``'s own backward is an atomic ``index_add`` (0.26 ms per call at 15,488 tokens on an H100, 10x
+    a gather). Every visual token is picked exactly once, at ``vis_inverse``, so its gradient is a gather; the few
+    register rows are summed per type by a one-hot product.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, vis_index: torch.Tensor, vis_inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(vis_index, vis_inverse)
+        return src.index_select(1, vis_index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        vis_index, vis_inverse = ctx.saved_tensors
+        types = torch.arange(NUM_REGISTER_TYPES, device=vis_index.device)
+        onehot = (vis_index[:, None] == types).to(grad.dtype)
+        d_registers = torch.einsum("bld,lr->brd", grad, onehot)
+        return torch.cat([d_registers, grad.index_select(1, vis_inverse)], 1), None, None
+
+
+class _FromScanOrder(torch.autograd.Function):
+    """``y[:, vis_inverse]``: the visual tokens back in order; its backward is ``_ToScanOrder`` with zero registers."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, vis_index: torch.Tensor, vis_inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(vis_index, vis_inverse)
+        return y.index_select(1, vis_inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        vis_index, vis_inverse = ctx.saved_tensors
+        zeros = grad.new_zeros(grad.shape[0], NUM_REGISTER_TYPES, grad.shape[2])
+        return torch.cat([zeros, grad], 1).index_select(1, vis_index), None, None
