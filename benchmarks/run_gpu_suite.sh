@@ -16,9 +16,14 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops_conv_triton.p
   tests/test_ops_ssd_triton.py -k "gpu or cuda" 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops_fused.py tests/test_models_cuda_graphs.py \
   -k "cuda or graph" 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_layers_mamba2.py -k cuda 2>&1 | tail -3 \
+  | tee -a "$OUT/gpu_tests.txt"
 timeout 30 python3 benchmarks/check_ssd_strided.py 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
+echo "== in_proj matmul against its output alignment (issue 5b)"
+timeout 120 python3 benchmarks/bench_matmul_align.py --out "$OUT/matmul_align.json" 2>&1 | tail -17
 echo "== mixer layers (issue 5b)"
 timeout 110 python3 benchmarks/bench_layers.py --ssd-backends triton --out "$OUT/layers.json" 2>&1 | tail -16
+timeout 200 python3 benchmarks/profile_layers.py --top 8 --out "$OUT/layers_profile.json" 2>&1 | grep -A8 "^=="
 echo "== end-to-end generation (issue 5c)"
 timeout 600 python3 benchmarks/bench_generate.py --out "$OUT/generate.json" --reps 1 \
   --layouts full_temp full_attn no_mixer --cuda-graphs off,on 2>&1 | tail -14

@@ -1,0 +1,73 @@
+"""Kernel breakdown (GPU time per kernel) of one compiled fwd+bwd of the MM-DiM + temporal branch and the attention
+mixer layers of ``bench_layers.py`` at width 1920 (issue 5 (b), docs/performance.md).
+
+    PYTHONPATH=. python benchmarks/profile_layers.py --tokens 3968 15488 --out benchmarks/results/layers_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_layers import LAYOUTS, AttentionMixer  # noqa: E402
+from common import environment, write_json  # noqa: E402
+
+from m4v.layers.rope import frame_positions, rope_cos_sin  # noqa: E402
+from m4v.models.blocks import MMDiMBlock, SequenceContext  # noqa: E402
+
+
+def profile(fn, grad: torch.Tensor, reps: int = 5) -> list[tuple[float, int, str]]:  # noqa: ANN001
+    """(ms per call, launches per call, kernel name) of every CUDA kernel of compiled fn().backward(grad)."""
+    compiled = torch.compile(fn, dynamic=False)
+    for _ in range(reps):
+        compiled().backward(grad)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            compiled().backward(grad)
+        torch.cuda.synchronize()
+    rows = [
+        (e.self_device_time_total / reps / 1e3, e.count // reps, e.key[:90])
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+    return sorted(rows, reverse=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[3968, 15488])
+    ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.environ["M4V_SSD_BACKEND"] = "triton"
+    D, H, dev, dt = 1920, 30, torch.device("cuda"), torch.bfloat16
+    ssm = dict(d_state=64, expand=1, headdim=64, ngroups=H, chunk_size=256)
+    block = MMDiMBlock(D, H, 4 * D, ssm, path=1, temporal_branch=True).to(dev, dt)
+    attn = AttentionMixer(D, H).to(dev, dt)
+    out = {}
+    for n in args.tokens:
+        L, sizes = LAYOUTS[n]
+        x = torch.randn(1, n, D, device=dev, dtype=dt, requires_grad=True)
+        grad = torch.randn_like(x)
+        rope = rope_cos_sin(frame_positions(sizes, sizes[-1], L, dev), (16, 24, 24))
+        ctx = SequenceContext(torch.ones(1, L, dtype=torch.bool, device=dev), sizes, (16, 24, 24), 10000.0)
+        ctx.prepare({1}, attention=False)
+        for name, fn in (("mmdim+temporal", lambda: block.mix(x, ctx)),
+                         ("attention/cudnn", lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION))):
+            rows = profile(fn, grad)
+            total = sum(r[0] for r in rows)
+            print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd (compiled)")
+            for ms, count, key in rows[: args.top]:
+                print(f"  {ms:7.3f} ms x{count:<3d} {key}")
+            out[f"{name}/{n}"] = dict(total_ms=total, kernels=rows)
+    write_json(args.out, dict(environment(), benchmark="mixer layer kernel profile (issue 5b)", layers=out))
+
+
+if __name__ == "__main__":
+    main()
