@@ -69,6 +69,27 @@ def measure(layer: str, tokens: int, fwd, grad: torch.Tensor) -> dict:  # noqa: 
         return dict(layer=layer, tokens=tokens, error=str(e).splitlines()[0])
 
 
+class _Call(nn.Module):
+    """A layer function of x as a module (make_graphed_callables takes modules or functions of their tensor args)."""
+
+    def __init__(self, fn, modules: list[nn.Module]) -> None:  # noqa: ANN001
+        super().__init__()
+        self.fn, self.held = fn, nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - fn closes over this same x
+        return self.fn()
+
+
+def graphed_row(name: str, fn, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, tokens: int) -> dict:  # noqa: ANN001
+    """fwd and fwd+bwd ms of the eager layer function replayed as two CUDA graphs (forward; backward to x and to
+    every parameter of ``module``)."""
+    try:
+        graphed = torch.cuda.make_graphed_callables(_Call(fn, [module]), (x,))
+        return measure(f"{name} cuda-graph", tokens, lambda: graphed(x), grad)
+    except Exception as e:  # noqa: BLE001 - report a capture failure as a row
+        return dict(layer=f"{name} cuda-graph", tokens=tokens, error=str(e).splitlines()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -80,6 +101,8 @@ def main() -> None:
     ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                     help="torch.compile modes to time as well (default, reduce-overhead, max-autotune-no-cudagraphs)")
     ap.add_argument("--compile-tokens", type=int, nargs="+", default=[3968, 15488])
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time each eager layer captured whole, fwd and bwd, by torch.cuda.make_graphed_callables")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -131,6 +154,16 @@ def main() -> None:
             os.environ.pop("M4V_SSD_BACKEND", None)
         if dev.type == "cuda":
             timed["attention/cudnn"] = (lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION), None)
+        if args.cuda_graphs and dev.type == "cuda" and L + nv in args.compile_tokens:
+            for name, (fn, ssd_backend) in timed.items():
+                if ssd_backend == "torch":
+                    continue
+                if ssd_backend is not None:
+                    os.environ["M4V_SSD_BACKEND"] = ssd_backend
+                module = attn if name.startswith("attention") else mixers[name.split("/")[0]]
+                rows.append(graphed_row(name, fn, module, x, grad, L + nv))
+                print(rows[-1], flush=True)
+                os.environ.pop("M4V_SSD_BACKEND", None)
         for mode in args.compile if L + nv in args.compile_tokens else []:
             for name, (fn, ssd_backend) in timed.items():
                 if ssd_backend == "torch" and dev.type == "cuda":
