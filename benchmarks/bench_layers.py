@@ -82,9 +82,9 @@ class _Call(nn.Module):
 
 def graphed_row(name: str, fn, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, tokens: int) -> dict:  # noqa: ANN001
     """fwd and fwd+bwd ms of the eager layer function replayed as two CUDA graphs (forward; backward to x and to
-    every parameter of ``module``)."""
+    every parameter of ``module``; its parameters outside the layer, e.g. the block's MLP, get no gradient)."""
     try:
-        graphed = torch.cuda.make_graphed_callables(_Call(fn, [module]), (x,))
+        graphed = torch.cuda.make_graphed_callables(_Call(fn, [module]), (x,), allow_unused_input=True)
         return measure(f"{name} cuda-graph", tokens, lambda: graphed(x), grad)
     except Exception as e:  # noqa: BLE001 - report a capture failure as a row
         return dict(layer=f"{name} cuda-graph", tokens=tokens, error=str(e).splitlines()[0])
