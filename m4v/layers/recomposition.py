@@ -171,7 +171,7 @@ class RecompositionPlan:
         B = visual.shape[0]
         z_l, z_r = self.text.compose(text, right=self.recompose_text)
         src = torch.cat([registers.to(visual.dtype)[None].expand(B, -1, -1), visual], 1)
-        parts = [z_l, _ToScanOrder.apply(src, self.vis_index, self.vis_inverse)]
+        parts = [z_l, _ScanOrder.apply(src, self.vis_index, self.vis_inverse, True)]
         if z_r is not None:
             parts.append(z_r)
         return torch.cat(parts, 1)
@@ -181,42 +181,34 @@ class RecompositionPlan:
         L, Lv = self.text_len, self.visual_len
         y_r = y[:, L + Lv :] if self.recompose_text else None
         text = self.text.invert(y[:, :L], y_r)
-        visual = _FromScanOrder.apply(y[:, L : L + Lv], self.vis_index, self.vis_inverse)
+        visual = _ScanOrder.apply(y[:, L : L + Lv], self.vis_index, self.vis_inverse, False)
         return text, visual
 
 
-class _ToScanOrder(torch.autograd.Function):
-    """``src[:, vis_index]`` for ``src = [registers, visual tokens]``, with a backward made of gathers.
+class _ScanOrder(torch.autograd.Function):
+    """The visual re-composition gathers, each differentiated by the other one (a gather, not a scatter).
 
-    ``index_select``'s own backward is an atomic ``index_add`` (0.26 ms per call at 15,488 tokens on an H100, 10x
-    a gather). Every visual token is picked exactly once, at ``vis_inverse``, so its gradient is a gather; the few
-    register rows are summed per type by a one-hot product.
+    ``to_scan``: ``src[:, vis_index]`` for ``src = [registers, visual tokens]``; otherwise ``y[:, vis_inverse]``, the
+    visual tokens back in their order. ``index_select``'s own backward is an atomic ``index_add`` (0.26 ms per call
+    at 15,488 tokens on an H100, 10x a gather). Every visual token sits at exactly one place, so each direction's
+    gradient is the other direction's gather; the few register rows are summed per type by a one-hot product.
     """
 
     @staticmethod
-    def forward(ctx, src: torch.Tensor, vis_index: torch.Tensor, vis_inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(  # noqa: ANN001 - ctx
+        ctx, x: torch.Tensor, vis_index: torch.Tensor, vis_inverse: torch.Tensor, to_scan: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(vis_index, vis_inverse)
-        return src.index_select(1, vis_index)
+        ctx.to_scan = to_scan
+        return x.index_select(1, vis_index if to_scan else vis_inverse)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # noqa: ANN001
         vis_index, vis_inverse = ctx.saved_tensors
-        types = torch.arange(NUM_REGISTER_TYPES, device=vis_index.device)
-        onehot = (vis_index[:, None] == types).to(grad.dtype)
-        d_registers = torch.einsum("bld,lr->brd", grad, onehot)
-        return torch.cat([d_registers, grad.index_select(1, vis_inverse)], 1), None, None
-
-
-class _FromScanOrder(torch.autograd.Function):
-    """``y[:, vis_inverse]``: the visual tokens back in order; its backward is ``_ToScanOrder`` with zero registers."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, vis_index: torch.Tensor, vis_inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(vis_index, vis_inverse)
-        return y.index_select(1, vis_inverse)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        vis_index, vis_inverse = ctx.saved_tensors
-        zeros = grad.new_zeros(grad.shape[0], NUM_REGISTER_TYPES, grad.shape[2])
-        return torch.cat([zeros, grad], 1).index_select(1, vis_index), None, None
+        if ctx.to_scan:
+            onehot = (vis_index[:, None] == torch.arange(NUM_REGISTER_TYPES, device=vis_index.device)).to(grad.dtype)
+            d_x = torch.cat([torch.einsum("bld,lr->brd", grad, onehot), grad.index_select(1, vis_inverse)], 1)
+        else:
+            zeros = grad.new_zeros(grad.shape[0], NUM_REGISTER_TYPES, grad.shape[2])
+            d_x = torch.cat([zeros, grad], 1).index_select(1, vis_index)
+        return d_x, None, None, None
