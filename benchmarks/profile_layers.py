@@ -2,6 +2,7 @@
 mixer layers of ``bench_layers.py`` at width 1920 (issue 5 (b), docs/performance.md).
 
     PYTHONPATH=. python benchmarks/profile_layers.py --tokens 3968 15488 --out benchmarks/results/layers_profile.json
+    PYTHONPATH=. python benchmarks/profile_layers.py --eager --tokens 15488 --top 30
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from m4v.layers.rope import frame_positions, rope_cos_sin  # noqa: E402
 from m4v.models.blocks import MMDiMBlock, SequenceContext  # noqa: E402
 
 
-def profile(fn, grad: torch.Tensor, reps: int = 5) -> list[tuple[float, int, str]]:  # noqa: ANN001
-    """(ms per call, launches per call, kernel name) of every CUDA kernel of compiled fn().backward(grad)."""
-    compiled = torch.compile(fn, dynamic=False)
+def profile(fn, grad: torch.Tensor, reps: int = 5, eager: bool = False) -> list[tuple[float, int, str]]:  # noqa: ANN001
+    """(ms per call, launches per call, kernel name) of every CUDA kernel of (compiled) fn().backward(grad)."""
+    compiled = fn if eager else torch.compile(fn, dynamic=False)
     for _ in range(reps):
         compiled().backward(grad)
     torch.cuda.synchronize()
@@ -43,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[3968, 15488])
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--eager", action="store_true", help="profile the eager layers instead of torch.compile'd ones")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ["M4V_SSD_BACKEND"] = "triton"
@@ -60,9 +62,9 @@ def main() -> None:
         ctx.prepare({1}, attention=False)
         for name, fn in (("mmdim+temporal", lambda: block.mix(x, ctx)),
                          ("attention/cudnn", lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION))):
-            rows = profile(fn, grad)
+            rows = profile(fn, grad, eager=args.eager)
             total = sum(r[0] for r in rows)
-            print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd (compiled)")
+            print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd ({'eager' if args.eager else 'compiled'})")
             for ms, count, key in rows[: args.top]:
                 print(f"  {ms:7.3f} ms x{count:<3d} {key}")
             out[f"{name}/{n}"] = dict(total_ms=total, kernels=rows)
