@@ -73,8 +73,9 @@ class Mamba2Mixer(nn.Module):
 
     def split_projection(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split the in_proj output into z [.., d_inner], xBC [.., conv_dim], dt [.., nheads]; padding dropped."""
-        d, c = self.d_inner, self.conv_dim
-        return zxbcdt[..., :d], zxbcdt[..., d : d + c], zxbcdt[..., d + c : d + c + self.nheads]
+        sizes = [self.d_inner, self.conv_dim, self.nheads]
+        z, xbc, dt, _ = torch.split(zxbcdt, [*sizes, zxbcdt.shape[-1] - sum(sizes)], dim=-1)  # backward: one cat
+        return z, xbc, dt
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """in_proj of ``u``, on CUDA with its output padded to 16-byte rows (``aligned_linear``)."""

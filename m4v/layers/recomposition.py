@@ -179,9 +179,10 @@ class RecompositionPlan:
     def invert(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(text [B, L, D], visual [B, Nv, D]) outputs from the SSM output over the composed sequence."""
         L, Lv = self.text_len, self.visual_len
-        y_r = y[:, L + Lv :] if self.recompose_text else None
-        text = self.text.invert(y[:, :L], y_r)
-        visual = _ScanOrder.apply(y[:, L : L + Lv], self.vis_index, self.vis_inverse, False)
+        # one split, not slices: its backward is one concatenation (a slice's is a zero-filled copy of all of y)
+        y_l, y_v, y_r = y.split([L, Lv, y.shape[1] - L - Lv], 1)
+        text = self.text.invert(y_l, y_r if self.recompose_text else None)
+        visual = _ScanOrder.apply(y_v, self.vis_index, self.vis_inverse, False)
         return text, visual
 
 

@@ -100,10 +100,11 @@ class TemporalBranch(nn.Module):
         nh, heads = len(sizes) - 1, self.num_heads
         T = nh + K * K
         tokens = h.new_empty(B, T, hs, ws, D)
-        off, t0 = 0, 0
-        for (a, b), count in groups:
+        # one split of h, not slices: its backward is one concatenation (a slice's is a zero-filled copy of all of h)
+        *history, current = h.split([count * a * b for (a, b), count in groups] + [H * W], 1)
+        t0 = 0
+        for ((a, b), count), src in zip(groups, history):
             dst = tokens[:, t0 : t0 + count]
-            src = h[:, off : off + count * a * b]
             if a % hs or b % ws:  # not a whole-block pyramid level: adaptive pooling
                 dst.copy_(self._pool(src.reshape(B * count, a * b, D), (a, b), (hs, ws)).view(B, count, hs, ws, D))
             elif (a, b) == (hs, ws):
@@ -111,9 +112,9 @@ class TemporalBranch(nn.Module):
             else:
                 blocks = src.view(B, count, hs, a // hs, ws, b // ws, D)
                 dst.copy_(blocks.mean(dim=(3, 5), dtype=upcast(blocks[:0]).dtype))  # float32 sums for half inputs
-            off, t0 = off + count * a * b, t0 + count
+            t0 += count
         # current frame: token (i, j) takes positions (i::K, j::K)
-        tokens[:, nh:].view(B, K, K, hs, ws, D).copy_(h[:, off:].view(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5))
+        tokens[:, nh:].view(B, K, K, hs, ws, D).copy_(current.view(B, hs, K, ws, K, D).permute(0, 2, 4, 1, 3, 5))
         qkv = self.qkv(tokens).flatten(2, 3)  # [B, T, P, 3D]
         q, k, v = fold_heads(qkv, self.norm_q.weight, self.norm_k.weight, heads, self.norm_q.eps)
         o = folded_causal_attention(q, k, v, nh).view(B, heads, T, hs, ws, D // heads)

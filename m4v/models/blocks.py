@@ -122,9 +122,9 @@ class MMDiTBlock(nn.Module):
         h_v = ln_modulate(vis, v_mod[0], v_mod[1])
         q, k, v = joint_qkv([self.qkv_txt(h_t), self.qkv_vis(h_v)], [self.qk_txt, self.qk_vis], ctx.rope)
         o = attention(q, k, v, ctx.attn_mask)
-        L = txt.shape[1]
-        txt = gated_residual(txt, t_mod[2], self.out_txt(o[:, :L]))
-        vis = gated_residual(vis, v_mod[2], self.out_vis(o[:, L:]))
+        o_txt, o_vis = o.split([txt.shape[1], vis.shape[1]], 1)  # backward: one cat, not two zero-filled slices
+        txt = gated_residual(txt, t_mod[2], self.out_txt(o_txt))
+        vis = gated_residual(vis, v_mod[2], self.out_vis(o_vis))
         txt = gated_residual(txt, t_mod[5], self.mlp_txt(ln_modulate(txt, t_mod[3], t_mod[4])))
         vis = gated_residual(vis, v_mod[5], self.mlp_vis(ln_modulate(vis, v_mod[3], v_mod[4])))
         return txt, vis
@@ -194,12 +194,12 @@ class MMDiMBlock(SingleStreamBlock):
         self.parallel_attention = parallel_attention
 
     def mix(self, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        L = ctx.text_len
         plan = ctx.plan(self.path)
-        seq = plan.compose(h[:, :L], h[:, L:], self.registers)
+        h_txt, h_vis = h.split([ctx.text_len, h.shape[1] - ctx.text_len], 1)  # backward: one cat, not two slices
+        seq = plan.compose(h_txt, h_vis, self.registers)
         y_txt, y_vis = plan.invert(self.mamba.inner(seq, keep=plan.keep_mask()))
         if self.temporal is not None:
-            y_vis = y_vis + self.temporal(h[:, L:], ctx.sizes)
+            y_vis = y_vis + self.temporal(h_vis, ctx.sizes)
         y = torch.cat([y_txt, y_vis], 1)
         if self.parallel_attention:
             y = y + attention(*self.qk_norm(self.qkv(h), ctx.rope), ctx.attn_mask)
