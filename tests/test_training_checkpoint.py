@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from m4v.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from m4v.training.distributed import DistInfo, init_distributed, shard_model
+from m4v.training.distributed import DistInfo, cleanup, init_distributed, shard_model
 from m4v.training.ema import EMA
 
 INFO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"), distributed=False)
@@ -144,7 +144,7 @@ def _distributed_main(out: Path) -> None:
     saved["continued"] = _params(model)
     if info.is_main:
         torch.save({"loaded": loaded, "saved": saved}, out / "two.pt")
-    torch.distributed.destroy_process_group()
+    cleanup(info)
 
 
 @pytest.mark.usefixtures("one_thread")

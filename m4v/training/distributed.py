@@ -74,7 +74,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Tear the process group down together: a rank that destroys it while another still works (e.g. rank 0
+    writing files) could abort at exit with gloo ("terminate called without an active exception")."""
     if info.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
