@@ -157,9 +157,10 @@ def test_compiled_path_traces_whole_with_dynamic_shapes(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="Inductor's generated kernels need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_compiled_kernels_match_float64(dtype):
+def test_cuda_compiled_kernels_match_float64(dtype, monkeypatch):
     """The compiled kernels on the GPU against the float64 reference over several lengths: relative RMS error
     under 5e-3 for outputs and 1e-2 for gradients in bf16 (issue 5's bounds), 1e-5 in float32."""
+    monkeypatch.setenv("M4V_FUSED_MIN_NUMEL", "0")  # compiled at every length here, the small ones included
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(4)
     B, H, d = 2, 4, 64
@@ -183,3 +184,103 @@ def test_cuda_compiled_kernels_match_float64(dtype):
             for got, want in zip(res["fused"][kind == "grad"], res["ref"][kind == "grad"]):
                 err = (got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()
                 assert err < (bound if dtype == torch.bfloat16 else 1e-5), (kind, N, float(err))
+
+
+# --- size threshold of the dispatch (FUSED_MIN_NUMEL / M4V_FUSED_MIN_NUMEL) ---
+
+_SWITCHES = ("M4V_FUSED_MIN_NUMEL", "M4V_FUSED", "M4V_DISABLE_TRITON")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in _SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_threshold_below_at_above(clean_env):
+    assert isinstance(fused.FUSED_MIN_NUMEL, int) and fused.FUSED_MIN_NUMEL > 0
+    clean_env.setattr(fused, "FUSED_MIN_NUMEL", 1000)
+    assert [fused._compiled_wanted(True, n) for n in (0, 999, 1000, 1001, 10**9)] == [False, False, True, True, True]
+    assert not any(fused._compiled_wanted(False, n) for n in (0, 1000, 10**9))  # CPU: always the reference
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "")  # set but empty: the module constant
+    assert not fused._compiled_wanted(True, 999) and fused._compiled_wanted(True, 1000)
+
+
+def test_threshold_env_override(clean_env):
+    clean_env.setattr(fused, "FUSED_MIN_NUMEL", 1000)
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", " 10 ")
+    assert [fused._compiled_wanted(True, n) for n in (9, 10, 11, 999)] == [False, True, True, True]
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "5000")
+    assert not fused._compiled_wanted(True, 4999) and fused._compiled_wanted(True, 5000)
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "0")  # 0: always compiled on CUDA
+    assert fused._compiled_wanted(True, 0) and fused._compiled_wanted(True, 1)
+    assert not fused._compiled_wanted(False, 10**9)
+    # the older switches still turn the compiled ops off at any size
+    clean_env.setenv("M4V_FUSED", "0")
+    assert not fused._compiled_wanted(True, 10**9)
+    clean_env.delenv("M4V_FUSED")
+    clean_env.setenv("M4V_DISABLE_TRITON", "1")
+    assert not fused._compiled_wanted(True, 10**9)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "1e6", "0x10"])
+def test_threshold_invalid_env_raises(clean_env, value):
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", value)
+    for is_cuda in (True, False):
+        with pytest.raises(ValueError, match="M4V_FUSED_MIN_NUMEL"):
+            fused._compiled_wanted(is_cuda, 10)
+    with pytest.raises(ValueError, match="M4V_FUSED_MIN_NUMEL"):
+        fused.gated_residual(torch.zeros(1, 2, 4), torch.zeros(1, 4), torch.zeros(1, 2, 4))
+
+
+def _op_calls(N: int, dev: torch.device) -> dict[str, tuple]:
+    """Each op's arguments at N tokens (width 128: 2 heads of 64, batch 2); qkv_heads gets two segments of N."""
+    g = torch.Generator(device=dev).manual_seed(N)
+    B, H, d = 2, 2, 64
+    D = H * d
+    r = lambda *shape: torch.randn(*shape, generator=g, device=dev)
+    w = lambda n: torch.rand(n, generator=g, device=dev) + 0.5
+    cos, sin = rope_cos_sin(r(2 * N, 3) * 5, (16, 24, 24))
+    return {
+        "rms_norm": (r(B, N, D), w(D), 1e-6),
+        "qkv_heads": ([r(B, N, 3 * D), r(B, N, 3 * D)], [w(d), w(d)], [w(d), w(d)], H, 1e-6, cos, sin),
+        "fold_heads": (r(B, 2, N // 2, 3 * D), w(d), w(d), H, 1e-6),
+        "ln_modulate": (r(B, N, D), r(B, D), r(B, D)),
+        "gated_residual": (r(B, N, D), r(B, D), r(B, N, D), r(B, N, D)),
+    }
+
+
+def _check_paths_by_size(monkeypatch, dev: torch.device, compile: bool) -> None:
+    """Threshold 4096 elements: at N = 2 every op's main input is below it (reference), at N = 32 above (compiled);
+    at N = 4 qkv_heads' first segment (3072) is below but both together (6144) are not (compiled). ``compile``:
+    the recorded compiled op is the real one, else the reference itself."""
+    calls: list[str] = []
+    compiled = fused._compiled if compile else lambda fn, backend: fn
+    monkeypatch.setattr(fused, "_compiled", lambda fn, backend: calls.append(fn.__name__) or compiled(fn, backend))
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 4096)
+    cases = [(N, name, args) for N in (2, 32) for name, args in _op_calls(N, dev).items()]
+    cases.append((4, "qkv_heads", _op_calls(4, dev)["qkv_heads"]))
+    for N, name, args in cases:
+        calls.clear()
+        got = getattr(fused, name)(*args)
+        want = getattr(fused, f"{name}_ref")(*args)
+        assert calls == ([f"{name}_ref"] if N > 2 else []), (name, N, calls)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            if N > 2:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(a, b)
+
+
+def test_dispatch_by_size_on_cpu(clean_env):
+    """The dispatch's choice by size on the CPU, the device test forced to CUDA's answer (compiling is tested above)."""
+    wanted = fused._compiled_wanted
+    clean_env.setattr(fused, "_compiled_wanted", lambda is_cuda, numel: wanted(True, numel))
+    _check_paths_by_size(clean_env, torch.device("cpu"), compile=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="Inductor's generated kernels need a CUDA device")
+def test_cuda_small_tensors_run_eagerly(clean_env):
+    """On the GPU: tensors below FUSED_MIN_NUMEL take the reference, larger ones Inductor's kernels, same values."""
+    _check_paths_by_size(clean_env, torch.device("cuda"), compile=True)

@@ -5,8 +5,11 @@ scale, cast; rotate pairs; LayerNorm then ``x * (1 + scale) + shift``; ``x + gat
 bytes than the matrix products around them. Each op here is written once in torch (the reference and the
 CPU path, float32 math for half inputs as the layers always did); on CUDA the same function is compiled once
 with dynamic shapes (``torch.compile(dynamic=True)``: one generated kernel per op for every sequence length,
-forward and backward), unless ``M4V_DISABLE_TRITON=1`` or an outer ``torch.compile`` is tracing (which then
-fuses the reference itself).
+forward and backward), unless ``M4V_FUSED=0``, ``M4V_DISABLE_TRITON=1`` or an outer ``torch.compile`` is tracing
+(which then fuses the reference itself). Small tensors (main input below ``FUSED_MIN_NUMEL`` elements, env override
+``M4V_FUSED_MIN_NUMEL``, 0: always compiled) run the torch ops eagerly: there the compiled call's host overhead
+(dynamo guards, autograd wrappers) exceeds the time of the few small kernels it replaces (measured by
+benchmarks/bench_fused_ops.py).
 """
 
 from __future__ import annotations
@@ -97,26 +100,55 @@ def gated_residual_ref(
 
 COMPILE_BACKEND = "inductor"  # tests trace the same way with "aot_eager" (no code generation) on the CPU
 
+FUSED_MIN_NUMEL: int = 1 << 20
+"""Elements of an op's main input from which the compiled op runs on CUDA (below: the eager torch ops, whose few
+small kernels cost less host time than a compiled call); env ``M4V_FUSED_MIN_NUMEL`` overrides it."""
+
 
 @functools.cache
 def _compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
-def use_compiled(x: torch.Tensor) -> bool:
-    """The compiled kernels for CUDA tensors, unless M4V_FUSED=0, M4V_DISABLE_TRITON=1 or an outer compile traces."""
-    if not x.is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1" or os.environ.get("M4V_FUSED", "1") == "0":
+def _min_numel() -> int:
+    """FUSED_MIN_NUMEL, or the non-negative integer in M4V_FUSED_MIN_NUMEL when that is set (and not empty)."""
+    raw = os.environ.get("M4V_FUSED_MIN_NUMEL", "").strip()
+    if not raw:
+        return FUSED_MIN_NUMEL
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"M4V_FUSED_MIN_NUMEL must be a non-negative integer (0: always compiled), got {raw!r}")
+    return value
+
+
+def _compiled_wanted(is_cuda: bool, numel: int) -> bool:
+    """Whether an op on a main input of ``numel`` elements runs compiled (outside an outer compile): on CUDA, from
+    FUSED_MIN_NUMEL (or M4V_FUSED_MIN_NUMEL) elements up, unless M4V_FUSED=0 or M4V_DISABLE_TRITON=1."""
+    threshold = _min_numel()  # a bad M4V_FUSED_MIN_NUMEL is reported on every device
+    if not is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1" or os.environ.get("M4V_FUSED", "1") == "0":
         return False
-    return not torch.compiler.is_compiling()
+    return numel >= threshold
+
+
+def use_compiled(x: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+    """The compiled kernels for CUDA tensors of at least FUSED_MIN_NUMEL elements (the segments of a list summed),
+    unless M4V_FUSED=0, M4V_DISABLE_TRITON=1 or an outer compile traces. Smaller tensors run the torch ops eagerly:
+    the compiled call's host overhead exceeds the small kernels' time (measured by benchmarks/bench_fused_ops.py)."""
+    if torch.compiler.is_compiling():  # the outer compile fuses the reference itself
+        return False
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    return _compiled_wanted(parts[0].is_cuda, sum(t.numel() for t in parts))
 
 
 def _dispatch(ref: Callable) -> Callable:
     @functools.wraps(ref)
     def op(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - the reference's signature
-        first = x[0] if isinstance(x, (list, tuple)) else x
-        return (_compiled(ref, COMPILE_BACKEND) if use_compiled(first) else ref)(x, *args, **kwargs)
+        return (_compiled(ref, COMPILE_BACKEND) if use_compiled(x) else ref)(x, *args, **kwargs)
 
-    op.__doc__ = (ref.__doc__ or "").split("\n")[0] + " Compiled on CUDA (see m4v.ops.fused)."
+    op.__doc__ = (ref.__doc__ or "").split("\n")[0] + " Compiled on CUDA from FUSED_MIN_NUMEL elements (m4v.ops.fused)."
     return op
 
 
@@ -127,6 +159,7 @@ ln_modulate = _dispatch(ln_modulate_ref)
 gated_residual = _dispatch(gated_residual_ref)
 
 __all__ = [
+    "FUSED_MIN_NUMEL",
     "fold_heads",
     "fold_heads_ref",
     "gated_residual",
