@@ -113,7 +113,7 @@ def test_dispatch_uses_the_reference_off_cuda(monkeypatch):
     monkeypatch.setattr(fused, "_compiled", lambda fn, backend: calls.append(fn) or fn)
     x = torch.randn(2, 3, 8)
     fused.rms_norm(x, torch.ones(8), 1e-6)
-    assert not fused.use_compiled(x) and not calls
+    assert not fused.use_compiled(x, "rms_norm") and not calls
 
 
 def test_compiled_path_traces_whole_with_dynamic_shapes(monkeypatch):
@@ -123,7 +123,7 @@ def test_compiled_path_traces_whole_with_dynamic_shapes(monkeypatch):
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(fused, "use_compiled", lambda x: True)
+    monkeypatch.setattr(fused, "use_compiled", lambda x, op: True)
     monkeypatch.setattr(fused, "COMPILE_BACKEND", "aot_eager")
     g = torch.Generator().manual_seed(3)
     B, H, d = 2, 2, 8
@@ -198,30 +198,40 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def test_threshold_table_covers_every_op():
+    """Every dispatched op has its measured threshold (a missing one would raise KeyError at the first CUDA call)."""
+    ops = {"rms_norm", "qkv_heads", "fold_heads", "ln_modulate", "gated_residual"}
+    assert set(fused.FUSED_MIN_NUMEL) == ops
+    assert all(isinstance(v, int) and v >= 0 for v in fused.FUSED_MIN_NUMEL.values())
+
+
 def test_threshold_below_at_above(clean_env):
-    assert isinstance(fused.FUSED_MIN_NUMEL, int) and fused.FUSED_MIN_NUMEL > 0
-    clean_env.setattr(fused, "FUSED_MIN_NUMEL", 1000)
-    assert [fused._compiled_wanted(True, n) for n in (0, 999, 1000, 1001, 10**9)] == [False, False, True, True, True]
-    assert not any(fused._compiled_wanted(False, n) for n in (0, 1000, 10**9))  # CPU: always the reference
-    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "")  # set but empty: the module constant
-    assert not fused._compiled_wanted(True, 999) and fused._compiled_wanted(True, 1000)
+    clean_env.setitem(fused.FUSED_MIN_NUMEL, "rms_norm", 1000)
+    clean_env.setitem(fused.FUSED_MIN_NUMEL, "gated_residual", 50)
+    want = [False, False, True, True, True]
+    assert [fused._compiled_wanted("rms_norm", True, n) for n in (0, 999, 1000, 1001, 10**9)] == want
+    assert [fused._compiled_wanted("gated_residual", True, n) for n in (0, 49, 50, 51, 999)] == want  # per op
+    assert not any(fused._compiled_wanted("rms_norm", False, n) for n in (0, 1000, 10**9))  # CPU: the reference
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "")  # set but empty: the module table
+    assert not fused._compiled_wanted("rms_norm", True, 999) and fused._compiled_wanted("rms_norm", True, 1000)
 
 
 def test_threshold_env_override(clean_env):
-    clean_env.setattr(fused, "FUSED_MIN_NUMEL", 1000)
+    clean_env.setitem(fused.FUSED_MIN_NUMEL, "ln_modulate", 1000)
     clean_env.setenv("M4V_FUSED_MIN_NUMEL", " 10 ")
-    assert [fused._compiled_wanted(True, n) for n in (9, 10, 11, 999)] == [False, True, True, True]
-    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "5000")
-    assert not fused._compiled_wanted(True, 4999) and fused._compiled_wanted(True, 5000)
+    assert [fused._compiled_wanted("ln_modulate", True, n) for n in (9, 10, 11, 999)] == [False, True, True, True]
+    clean_env.setenv("M4V_FUSED_MIN_NUMEL", "5000")  # one threshold for every op
+    for op in fused.FUSED_MIN_NUMEL:
+        assert not fused._compiled_wanted(op, True, 4999) and fused._compiled_wanted(op, True, 5000)
     clean_env.setenv("M4V_FUSED_MIN_NUMEL", "0")  # 0: always compiled on CUDA
-    assert fused._compiled_wanted(True, 0) and fused._compiled_wanted(True, 1)
-    assert not fused._compiled_wanted(False, 10**9)
+    assert fused._compiled_wanted("ln_modulate", True, 0) and fused._compiled_wanted("ln_modulate", True, 1)
+    assert not fused._compiled_wanted("ln_modulate", False, 10**9)
     # the older switches still turn the compiled ops off at any size
     clean_env.setenv("M4V_FUSED", "0")
-    assert not fused._compiled_wanted(True, 10**9)
+    assert not fused._compiled_wanted("ln_modulate", True, 10**9)
     clean_env.delenv("M4V_FUSED")
     clean_env.setenv("M4V_DISABLE_TRITON", "1")
-    assert not fused._compiled_wanted(True, 10**9)
+    assert not fused._compiled_wanted("ln_modulate", True, 10**9)
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "1e6", "0x10"])
@@ -229,7 +239,7 @@ def test_threshold_invalid_env_raises(clean_env, value):
     clean_env.setenv("M4V_FUSED_MIN_NUMEL", value)
     for is_cuda in (True, False):
         with pytest.raises(ValueError, match="M4V_FUSED_MIN_NUMEL"):
-            fused._compiled_wanted(is_cuda, 10)
+            fused._compiled_wanted("rms_norm", is_cuda, 10)
     with pytest.raises(ValueError, match="M4V_FUSED_MIN_NUMEL"):
         fused.gated_residual(torch.zeros(1, 2, 4), torch.zeros(1, 4), torch.zeros(1, 2, 4))
 
@@ -258,7 +268,7 @@ def _check_paths_by_size(monkeypatch, dev: torch.device, compile: bool) -> None:
     calls: list[str] = []
     compiled = fused._compiled if compile else lambda fn, backend: fn
     monkeypatch.setattr(fused, "_compiled", lambda fn, backend: calls.append(fn.__name__) or compiled(fn, backend))
-    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 4096)
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", dict.fromkeys(fused.FUSED_MIN_NUMEL, 4096))
     cases = [(N, name, args) for N in (2, 32) for name, args in _op_calls(N, dev).items()]
     cases.append((4, "qkv_heads", _op_calls(4, dev)["qkv_heads"]))
     for N, name, args in cases:
@@ -276,7 +286,7 @@ def _check_paths_by_size(monkeypatch, dev: torch.device, compile: bool) -> None:
 def test_dispatch_by_size_on_cpu(clean_env):
     """The dispatch's choice by size on the CPU, the device test forced to CUDA's answer (compiling is tested above)."""
     wanted = fused._compiled_wanted
-    clean_env.setattr(fused, "_compiled_wanted", lambda is_cuda, numel: wanted(True, numel))
+    clean_env.setattr(fused, "_compiled_wanted", lambda op, is_cuda, numel: wanted(op, True, numel))
     _check_paths_by_size(clean_env, torch.device("cpu"), compile=False)
 
 

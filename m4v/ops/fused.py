@@ -6,9 +6,9 @@ bytes than the matrix products around them. Each op here is written once in torc
 CPU path, float32 math for half inputs as the layers always did); on CUDA the same function is compiled once
 with dynamic shapes (``torch.compile(dynamic=True)``: one generated kernel per op for every sequence length,
 forward and backward), unless ``M4V_FUSED=0``, ``M4V_DISABLE_TRITON=1`` or an outer ``torch.compile`` is tracing
-(which then fuses the reference itself). Small tensors (main input below ``FUSED_MIN_NUMEL`` elements, env override
-``M4V_FUSED_MIN_NUMEL``, 0: always compiled) run the torch ops eagerly: there the compiled call's host overhead
-(dynamo guards, autograd wrappers) exceeds the time of the few small kernels it replaces (measured by
+(which then fuses the reference itself). Small tensors (main input below the op's ``FUSED_MIN_NUMEL`` elements,
+env override ``M4V_FUSED_MIN_NUMEL``, 0: always compiled) run the torch ops eagerly: there the compiled call's
+host overhead (dynamo guards, autograd wrappers) exceeds the time of the few small kernels it replaces (measured by
 benchmarks/bench_fused_ops.py).
 """
 
@@ -100,9 +100,17 @@ def gated_residual_ref(
 
 COMPILE_BACKEND = "inductor"  # tests trace the same way with "aot_eager" (no code generation) on the CPU
 
-FUSED_MIN_NUMEL: int = 1 << 20
-"""Elements of an op's main input from which the compiled op runs on CUDA (below: the eager torch ops, whose few
-small kernels cost less host time than a compiled call); env ``M4V_FUSED_MIN_NUMEL`` overrides it."""
+FUSED_MIN_NUMEL: dict[str, int] = {
+    "qkv_heads": 0,  # compiled faster at every size measured (295k elements up, fwd and fwd+bwd)
+    "fold_heads": 0,  # the same
+    "rms_norm": 1 << 23,  # forward faster compiled from 6.3M, forward+backward from 15.7M
+    "ln_modulate": 1 << 23,  # forward from 7.9M, forward+backward only at 63M
+    "gated_residual": 1 << 24,  # forward from 15.7M, forward+backward only at 63M
+}
+"""Per op, the elements of its main input (the segments of a list summed) from which it runs compiled on CUDA; below,
+the eager torch ops, whose few small kernels cost less host time than a compiled call (one H100,
+``benchmarks/bench_fused_ops.py``, ``benchmarks/results/fused_ops_h100.json``). Env ``M4V_FUSED_MIN_NUMEL`` sets one
+threshold for every op (0: always compiled)."""
 
 
 @functools.cache
@@ -110,11 +118,11 @@ def _compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
-def _min_numel() -> int:
-    """FUSED_MIN_NUMEL, or the non-negative integer in M4V_FUSED_MIN_NUMEL when that is set (and not empty)."""
+def _min_numel(op: str) -> int:
+    """FUSED_MIN_NUMEL[op], or the non-negative integer in M4V_FUSED_MIN_NUMEL when that is set (and not empty)."""
     raw = os.environ.get("M4V_FUSED_MIN_NUMEL", "").strip()
     if not raw:
-        return FUSED_MIN_NUMEL
+        return FUSED_MIN_NUMEL[op]
     try:
         value = int(raw)
     except ValueError:
@@ -124,31 +132,33 @@ def _min_numel() -> int:
     return value
 
 
-def _compiled_wanted(is_cuda: bool, numel: int) -> bool:
-    """Whether an op on a main input of ``numel`` elements runs compiled (outside an outer compile): on CUDA, from
-    FUSED_MIN_NUMEL (or M4V_FUSED_MIN_NUMEL) elements up, unless M4V_FUSED=0 or M4V_DISABLE_TRITON=1."""
-    threshold = _min_numel()  # a bad M4V_FUSED_MIN_NUMEL is reported on every device
+def _compiled_wanted(op: str, is_cuda: bool, numel: int) -> bool:
+    """Whether ``op`` on a main input of ``numel`` elements runs compiled (outside an outer compile): on CUDA, from
+    its threshold up (FUSED_MIN_NUMEL or M4V_FUSED_MIN_NUMEL), unless M4V_FUSED=0 or M4V_DISABLE_TRITON=1."""
+    threshold = _min_numel(op)  # a bad M4V_FUSED_MIN_NUMEL is reported on every device
     if not is_cuda or os.environ.get("M4V_DISABLE_TRITON", "0") == "1" or os.environ.get("M4V_FUSED", "1") == "0":
         return False
     return numel >= threshold
 
 
-def use_compiled(x: torch.Tensor | Sequence[torch.Tensor]) -> bool:
-    """The compiled kernels for CUDA tensors of at least FUSED_MIN_NUMEL elements (the segments of a list summed),
-    unless M4V_FUSED=0, M4V_DISABLE_TRITON=1 or an outer compile traces. Smaller tensors run the torch ops eagerly:
-    the compiled call's host overhead exceeds the small kernels' time (measured by benchmarks/bench_fused_ops.py)."""
+def use_compiled(x: torch.Tensor | Sequence[torch.Tensor], op: str) -> bool:
+    """The compiled kernels of ``op`` for CUDA tensors of at least FUSED_MIN_NUMEL[op] elements (the segments of a list
+    summed), unless M4V_FUSED=0, M4V_DISABLE_TRITON=1 or an outer compile traces. Smaller tensors run the torch ops
+    eagerly: the compiled call's host overhead exceeds the small kernels' time (benchmarks/bench_fused_ops.py)."""
     if torch.compiler.is_compiling():  # the outer compile fuses the reference itself
         return False
     parts = list(x) if isinstance(x, (list, tuple)) else [x]
-    return _compiled_wanted(parts[0].is_cuda, sum(t.numel() for t in parts))
+    return _compiled_wanted(op, parts[0].is_cuda, sum(t.numel() for t in parts))
 
 
 def _dispatch(ref: Callable) -> Callable:
+    name = ref.__name__.removesuffix("_ref")
+
     @functools.wraps(ref)
     def op(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - the reference's signature
-        return (_compiled(ref, COMPILE_BACKEND) if use_compiled(x) else ref)(x, *args, **kwargs)
+        return (_compiled(ref, COMPILE_BACKEND) if use_compiled(x, name) else ref)(x, *args, **kwargs)
 
-    op.__doc__ = (ref.__doc__ or "").split("\n")[0] + " Compiled on CUDA from FUSED_MIN_NUMEL elements (m4v.ops.fused)."
+    op.__doc__ = (ref.__doc__ or "").split("\n")[0] + " Compiled on CUDA above a size (m4v.ops.fused)."
     return op
 
 
