@@ -20,10 +20,11 @@ def environment() -> dict:
             commit = out.stdout.strip() if out.returncode == 0 else ""
         except Exception:  # noqa: BLE001 - no git on the machine
             pass
+    switches = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("M4V_") and k != "M4V_COMMIT"]
     env = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit or "unknown",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join([*switches, os.path.basename(sys.executable), *sys.argv]),  # M4V_* switches first
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }

@@ -101,16 +101,16 @@ def gated_residual_ref(
 COMPILE_BACKEND = "inductor"  # tests trace the same way with "aot_eager" (no code generation) on the CPU
 
 FUSED_MIN_NUMEL: dict[str, int] = {
-    "qkv_heads": 0,  # compiled faster at every size measured (295k elements up, fwd and fwd+bwd)
-    "fold_heads": 0,  # the same
+    "qkv_heads": 1 << 20,  # one shape alone: compiled faster from 295k elements; a whole small-model generation
+    "fold_heads": 1 << 20,  # (all calls < 1M) ran faster with both eager (docs/performance.md): 1M
     "rms_norm": 1 << 23,  # forward faster compiled from 6.3M, forward+backward from 15.7M
     "ln_modulate": 1 << 23,  # forward from 7.9M, forward+backward only at 63M
     "gated_residual": 1 << 24,  # forward from 15.7M, forward+backward only at 63M
 }
 """Per op, the elements of its main input (the segments of a list summed) from which it runs compiled on CUDA; below,
 the eager torch ops, whose few small kernels cost less host time than a compiled call (one H100,
-``benchmarks/bench_fused_ops.py``, ``benchmarks/results/fused_ops_h100.json``). Env ``M4V_FUSED_MIN_NUMEL`` sets one
-threshold for every op (0: always compiled)."""
+``benchmarks/bench_fused_ops.py``, ``benchmarks/results/fused_ops_h100.json``, and the shipped model's pipeline).
+Env ``M4V_FUSED_MIN_NUMEL`` sets one threshold for every op (0: always compiled)."""
 
 
 @functools.cache
