@@ -19,6 +19,9 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops_fused.py tes
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_layers_mamba2.py -k cuda 2>&1 | tail -3 \
   | tee -a "$OUT/gpu_tests.txt"
 timeout 30 python3 benchmarks/check_ssd_strided.py 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
+echo "== compiled element-wise ops against eager, by size (m4v.ops.fused thresholds)"
+timeout 300 python3 benchmarks/bench_fused_ops.py --tokens 256 1024 2048 4096 16384 --out "$OUT/fused_ops.json" 2>&1 \
+  | tail -8
 echo "== in_proj matmul against its output alignment (issue 5b)"
 timeout 120 python3 benchmarks/bench_matmul_align.py --out "$OUT/matmul_align.json" 2>&1 | tail -17
 echo "== mixer layers (issue 5b)"
