@@ -42,13 +42,21 @@ def register_types(sizes: Sequence[tuple[int, int]], num_types: int = NUM_REGIST
 
 @dataclass
 class TextArrangement:
-    """Per-sample gather indices that place the valid text tokens right-aligned (Z_l) and left-aligned (Z_r)."""
+    """Per-sample gather indices that place the valid text tokens right-aligned (Z_l) and left-aligned (Z_r).
+
+    Built once per text mask, so that composing is one gather (both halves) and one masked fill, and inverting
+    two gathers, an add and a masked fill (eager, each op is a kernel launch of its own).
+    """
 
     order: torch.Tensor  # [B, L] original positions, valid tokens first (in order)
     count: torch.Tensor  # [B] number of valid tokens
-    left_src: torch.Tensor  # [B, L] index into `order` for each Z_l slot
-    left_valid: torch.Tensor  # [B, L] bool
-    right_valid: torch.Tensor  # [B, L] bool (Z_r slot j holds order[j])
+    left_valid: torch.Tensor  # [B, L] bool: Z_l slot i holds a token
+    right_valid: torch.Tensor  # [B, L] bool: Z_r slot j holds order[j]
+    slots: torch.Tensor  # [B, 2L] original position read by each Z_l slot, then each Z_r slot (any on padding)
+    slot_pad: torch.Tensor  # [B, 2L, 1] bool: padded slot of [Z_l, Z_r]
+    inv_left: torch.Tensor  # [B, L] Z_l slot holding each original position
+    inv_right: torch.Tensor  # [B, L] Z_r slot holding each original position
+    text_pad: torch.Tensor  # [B, L, 1] bool: padding in the original order
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> TextArrangement:
@@ -58,27 +66,37 @@ class TextArrangement:
         slots = torch.arange(L, device=mask.device)[None]
         right_valid = slots < count[:, None]
         left_valid = slots >= (L - count)[:, None]
-        left_src = (slots - L + count[:, None]) % max(L, 1)
-        return cls(order, count, left_src, left_valid, right_valid)
+        left_src = (slots - L + count[:, None]) % max(L, 1)  # Z_l slot i holds sorted token left_src[i]
+        rank = torch.empty_like(order).scatter_(1, order, slots.expand(B, -1).contiguous())  # inverse of order
+        return cls(
+            order=order,
+            count=count,
+            left_valid=left_valid,
+            right_valid=right_valid,
+            slots=torch.cat([order.gather(1, left_src), order], 1),
+            slot_pad=torch.cat([~left_valid, ~right_valid], 1)[..., None],
+            inv_left=(rank + L - count[:, None]) % max(L, 1),
+            inv_right=rank,
+            text_pad=~mask.bool()[..., None],
+        )
 
     def compose(self, text: torch.Tensor, right: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Z_l, Z_r) from text [B, L, D]; padded slots are exact zeros."""
-        D = text.shape[-1]
-        sorted_text = torch.gather(text, 1, self.order[..., None].expand(-1, -1, D))
-        z_r = sorted_text * self.right_valid[..., None].to(text.dtype)
-        z_l = torch.gather(sorted_text, 1, self.left_src[..., None].expand(-1, -1, D))
-        z_l = z_l * self.left_valid[..., None].to(text.dtype)
-        return z_l, (z_r if right else None)
+        L, D = text.shape[1], text.shape[-1]
+        n = 2 * L if right else L
+        z = torch.gather(text, 1, self.slots[:, :n, None].expand(-1, -1, D)).masked_fill(self.slot_pad[:, :n], 0)
+        if not right:
+            return z, None
+        z_l, z_r = z.split(L, 1)
+        return z_l, z_r
 
     def invert(self, y_l: torch.Tensor, y_r: torch.Tensor | None) -> torch.Tensor:
         """Text outputs in the original order: Z'_l + Z'_r aligned token by token; zeros at padding."""
-        B, L, D = y_l.shape
-        inv_left = (torch.arange(L, device=y_l.device)[None] + L - self.count[:, None]) % max(L, 1)
-        sorted_out = torch.gather(y_l, 1, inv_left[..., None].expand(-1, -1, D))
+        D = y_l.shape[-1]
+        out = torch.gather(y_l, 1, self.inv_left[..., None].expand(-1, -1, D))
         if y_r is not None:
-            sorted_out = sorted_out + y_r
-        sorted_out = sorted_out * self.right_valid[..., None].to(y_l.dtype)
-        return torch.zeros_like(sorted_out).scatter(1, self.order[..., None].expand(-1, -1, D), sorted_out)
+            out = out + torch.gather(y_r, 1, self.inv_right[..., None].expand(-1, -1, D))
+        return out.masked_fill(self.text_pad, 0)
 
 
 @lru_cache(maxsize=512)
