@@ -48,10 +48,8 @@ class TextArrangement:
     two gathers, an add and a masked fill (eager, each op is a kernel launch of its own).
     """
 
-    order: torch.Tensor  # [B, L] original positions, valid tokens first (in order)
-    count: torch.Tensor  # [B] number of valid tokens
     left_valid: torch.Tensor  # [B, L] bool: Z_l slot i holds a token
-    right_valid: torch.Tensor  # [B, L] bool: Z_r slot j holds order[j]
+    right_valid: torch.Tensor  # [B, L] bool: Z_r slot j holds the j-th valid token
     slots: torch.Tensor  # [B, 2L] original position read by each Z_l slot, then each Z_r slot (any on padding)
     slot_pad: torch.Tensor  # [B, 2L, 1] bool: padded slot of [Z_l, Z_r]
     inv_left: torch.Tensor  # [B, L] Z_l slot holding each original position
@@ -61,7 +59,7 @@ class TextArrangement:
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> TextArrangement:
         B, L = mask.shape
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # original positions, valid first
         count = mask.sum(1)
         slots = torch.arange(L, device=mask.device)[None]
         right_valid = slots < count[:, None]
@@ -69,8 +67,6 @@ class TextArrangement:
         left_src = (slots - L + count[:, None]) % max(L, 1)  # Z_l slot i holds sorted token left_src[i]
         rank = torch.empty_like(order).scatter_(1, order, slots.expand(B, -1).contiguous())  # inverse of order
         return cls(
-            order=order,
-            count=count,
             left_valid=left_valid,
             right_valid=right_valid,
             slots=torch.cat([order.gather(1, left_src), order], 1),
