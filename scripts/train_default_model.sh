@@ -17,7 +17,8 @@
 # FROM=DIR continues each variant from DIR/transformer_VARIANT (the EMA weights an earlier train phase brought
 # back; model.pretrained, whose config then replaces the overrides), so steps add up over several GPU sessions.
 # Everything a phase reports (logs, metrics, eval JSON, the float16 EMA transformers of the variants in KEEP,
-# default "full_temp full_attn") is packed into $OUT/PHASE.tar* when it ends, also when it fails. The shipped
+# default "full_temp full_attn") is packed into $OUT/PHASE.tar* when it ends, also when it fails (phase train
+# also packs once before its evaluation). The shipped
 # pipeline is then assembled where the files land:
 #   python scripts/assemble_pipeline.py --transformer runs/report_train/transformer_full_temp --vae VAE \
 #       -o m4v/assets/default --half
@@ -33,7 +34,7 @@ VAE=${VAE:-runs/vae_moving_shapes/final/vae}  # VAE=m4v/assets/default/vae reuse
 CFG=configs/train_moving_shapes.yaml
 W=runs/report_$PHASE
 mkdir -p "$OUT" "$W"
-pack() { tar -cf - -C runs "report_$PHASE" | split -b 15M - "$OUT/$PHASE.tar."; }
+pack() { rm -f "$OUT/$PHASE.tar."*; tar -cf - -C runs "report_$PHASE" | split -b 15M - "$OUT/$PHASE.tar."; }
 trap pack EXIT
 read -r -a VARIANTS <<<"${VARIANTS:-full_temp full_attn no_recomposition no_registers no_temporal}"
 declare -A SET=(
@@ -99,15 +100,16 @@ case $PHASE in
     SECONDS=0
     side_by_side data/ms_latents --stop-at "${2:?steps}" --time-limit "${3:?minutes}"
     echo "train: $SECONDS s"
-    SECONDS=0
-    # shellcheck disable=SC2086
-    evaluate ${EVAL_ARGS:-}
-    echo "eval: $SECONDS s"
-    for v in ${KEEP:-full_temp full_attn}; do  # EMA transformers (float16, ~26 MB each) to bring back
+    for v in ${KEEP:-full_temp full_attn}; do  # EMA transformers (float16, ~14 MB each) to bring back
       [ -d "runs/ms_$v/final/transformer_ema" ] || continue
       cp -r "runs/ms_$v/final/transformer_ema" "$W/transformer_$v"
       python3 scripts/assemble_pipeline.py --halve-only "$W/transformer_$v"
     done
+    pack  # the trained weights are in $OUT before the evaluation starts (a lost machine keeps them)
+    SECONDS=0
+    # shellcheck disable=SC2086
+    evaluate ${EVAL_ARGS:-}
+    echo "eval: $SECONDS s"
     ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac
