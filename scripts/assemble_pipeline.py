@@ -10,6 +10,7 @@ float16 (the loaders upcast them to the model's float32 parameters), which halve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -25,6 +26,19 @@ def halve_folder(folder: str) -> None:
                 sd = load_file(path)
                 sd = {k: v.half() if v.dtype == torch.float32 else v for k, v in sd.items()}
                 save_file(sd, path, metadata={"format": "pt"})
+
+
+def drop_source_paths(folder: str) -> None:
+    """Remove ``_name_or_path`` (the build machine's folder the parts were loaded from) from every config.json."""
+    for root, _, files in os.walk(folder):
+        if "config.json" in files:
+            path = os.path.join(root, "config.json")
+            with open(path) as f:
+                cfg = json.load(f)
+            if cfg.pop("_name_or_path", None) is not None:
+                with open(path, "w") as f:
+                    json.dump(cfg, f, indent=2, sort_keys=True)
+                    f.write("\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.default_frames = a.frames
     pipe.default_guidance = tuple(a.guidance)
     pipe.save_pretrained(a.output)
+    drop_source_paths(a.output)
     if a.half:
         halve_folder(a.output)
     print(a.output)
