@@ -10,8 +10,9 @@ weights of that variant (the cost does not depend on the weights). Writes JSON a
         --cpu-timing --out benchmarks/results/moving_shapes_h100/table.json
 
 A run continued over several GPU sessions (``FROM=DIR`` in the script) names the folders of its earlier legs with
-``--earlier`` (their metrics files add their steps) and gives the minutes of all legs together; ``--set`` repeats
-the script's ``EXTRA`` overrides (e.g. ``--set patch_size=1``).
+``--earlier`` (their metrics files add their steps; a leg without a variant's metrics file, e.g. one that trained
+only full_temp, adds none) and gives the minutes of all legs together, ``--variant-minutes NAME=MIN`` where a
+variant trained for other minutes; ``--set`` repeats the script's ``EXTRA`` overrides (e.g. ``--set patch_size=1``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ def parse_value(text: str) -> object:
     return yaml.safe_load(text)
 
 
-def last_step(run: str, name: str) -> int:
-    """Steps a variant trained in one leg: the last step its metrics file logged, plus one."""
-    with open(os.path.join(run, f"metrics_{name}.csv")) as f:
+def last_step(run: str, name: str, missing_ok: bool = False) -> int:
+    """Steps a variant trained in one leg: the last step its metrics file logged, plus one (0 for an earlier leg
+    that did not train it, ``missing_ok``)."""
+    path = os.path.join(run, f"metrics_{name}.csv")
+    if missing_ok and not os.path.exists(path):
+        return 0
+    with open(path) as f:
         return int(list(csv.DictReader(f))[-1]["step"]) + 1
 
 
@@ -88,6 +93,8 @@ def main() -> None:
     ap.add_argument("--train-minutes", type=float, required=True,
                     help="the --time-limit each variant trained for (all legs together)")
     ap.add_argument("--earlier", action="append", default=[], help="folder of an earlier leg of the same run")
+    ap.add_argument("--variant-minutes", action="append", default=[], metavar="NAME=MIN",
+                    help="minutes of one variant where they differ from --train-minutes (a leg it did not train)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="transformer override of every variant (the script's EXTRA)")
     ap.add_argument("--text-len", type=int, default=13,
@@ -102,6 +109,15 @@ def main() -> None:
         if not sep:
             ap.error(f"--set takes KEY=VALUE, got {item!r}")
         base["overrides"][key] = parse_value(value)
+    minutes = {}
+    for item in args.variant_minutes:
+        name, sep, value = item.partition("=")
+        try:
+            minutes[name] = float(value) if sep and name in VARIANTS else None
+        except ValueError:
+            minutes[name] = None
+        if minutes[name] is None or minutes[name] <= 0:
+            ap.error(f"--variant-minutes takes NAME=MIN with NAME one of {', '.join(VARIANTS)}, got {item!r}")
     shipped = M4VPipeline.from_pretrained(default_model_dir()) if args.cpu_timing else None
     rows = []
     for name, overrides in VARIANTS.items():
@@ -112,7 +128,7 @@ def main() -> None:
         cfg = variant_config(base, overrides)
         grids = last_step_frame_grids(128, 128, 17, patch=cfg["patch_size"])
         flops = mixer_flops(cfg, grids, args.text_len)
-        steps = sum(last_step(run, name) for run in [*args.earlier, args.run])
+        steps = sum(last_step(run, name, missing_ok=True) for run in args.earlier) + last_step(args.run, name)
         row = {
             "variant": name,
             "accuracy": {k: report["accuracy"][k] for k in ATTRIBUTES},
@@ -121,13 +137,14 @@ def main() -> None:
             "params_m": count_parameters(cfg) / 1e6,
             "mixer_gflops": flops.total / 1e9,
             "train_steps": steps,
-            "train_s_per_step_side_by_side": 60.0 * args.train_minutes / steps,
+            "train_minutes": minutes.get(name, args.train_minutes),
+            "train_s_per_step_side_by_side": 60.0 * minutes.get(name, args.train_minutes) / steps,
         }
         if args.cpu_timing:
             row["cpu_s_per_transformer_call"] = cpu_seconds_per_call(shipped, cfg, 20)
         rows.append(row)
     result = {**environment(), "run": args.run, "earlier": args.earlier, "overrides": args.set,
-              "train_minutes": args.train_minutes, "text_len": args.text_len, "rows": rows}
+              "train_minutes": args.train_minutes, "variant_minutes": minutes, "text_len": args.text_len, "rows": rows}
     if args.out:
         write_json(args.out, result)
     head = ("| variant | colour | shape | motion | size | count | flickering | params | mixer GFLOPs | steps "
