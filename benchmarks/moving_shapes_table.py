@@ -109,14 +109,14 @@ def main() -> None:
         if not sep:
             ap.error(f"--set takes KEY=VALUE, got {item!r}")
         base["overrides"][key] = parse_value(value)
-    minutes = {}
+    minutes: dict[str, float] = {}
     for item in args.variant_minutes:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            minutes[name] = float(value) if sep and name in VARIANTS else None
+            minutes[name] = float(value)
         except ValueError:
-            minutes[name] = None
-        if minutes[name] is None or minutes[name] <= 0:
+            minutes[name] = 0.0
+        if name not in VARIANTS or not minutes[name] > 0:  # also refuses nan
             ap.error(f"--variant-minutes takes NAME=MIN with NAME one of {', '.join(VARIANTS)}, got {item!r}")
     shipped = M4VPipeline.from_pretrained(default_model_dir()) if args.cpu_timing else None
     rows = []
