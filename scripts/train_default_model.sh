@@ -16,6 +16,8 @@
 # default guidance, default the shipped model's "3 2"; runs before session 6 evaluated at PyramidFlow's 7 5); SAMPLES sets the number of prepared clips.
 # FROM=DIR continues each variant from DIR/transformer_VARIANT (the EMA weights an earlier train phase brought
 # back; model.pretrained, whose config then replaces the overrides), so steps add up over several GPU sessions.
+# LATENTS=DIR trains on latents another run prepared with the same VAE and SAMPLES (phase train skips its prepare):
+# two runs side by side on one GPU (e.g. a continued leg and the ablations from scratch) share one prepared set.
 # Everything a phase reports (logs, metrics, eval JSON, the float16 EMA transformers of the variants in KEEP,
 # default "full_temp full_attn") is packed into $OUT/PHASE.tar* when it ends, also when it fails (phase train
 # also packs once before its evaluation). The shipped
@@ -94,11 +96,14 @@ case $PHASE in
     ;;
   train)
     SECONDS=0
-    $M4V prepare --data moving_shapes --out data/ms_latents --config $CFG --vae $VAE \
-      --set data.moving_shapes.num_samples="${SAMPLES:-30000}" --batch-size 64 --num-workers 14 | tail -n 2
+    if [ -z "${LATENTS:-}" ]; then
+      LATENTS=data/ms_latents
+      $M4V prepare --data moving_shapes --out $LATENTS --config $CFG --vae $VAE \
+        --set data.moving_shapes.num_samples="${SAMPLES:-30000}" --batch-size 64 --num-workers 14 | tail -n 2
+    fi
     echo "prepare: $SECONDS s"
     SECONDS=0
-    side_by_side data/ms_latents --stop-at "${2:?steps}" --time-limit "${3:?minutes}"
+    side_by_side "$LATENTS" --stop-at "${2:?steps}" --time-limit "${3:?minutes}"
     echo "train: $SECONDS s"
     for v in ${KEEP:-full_temp full_attn}; do  # EMA transformers (float16, ~14 MB each) to bring back
       [ -d "runs/ms_$v/final/transformer_ema" ] || continue
