@@ -3,13 +3,20 @@ mixer layers of ``bench_layers.py`` at width 1920 (issue 5 (b), docs/performance
 
     PYTHONPATH=. python benchmarks/profile_layers.py --tokens 3968 15488 --out benchmarks/results/layers_profile.json
     PYTHONPATH=. python benchmarks/profile_layers.py --eager --tokens 15488 --top 30
+
+Each layer also gets its host-side numbers: the wall time of one fwd+bwd (synchronised, median of 20), the time the
+Python call takes to return before synchronising (the launch work on the CPU), and the kernel launches per call.
+When the launch time is close to the wall time and the kernels' sum is below it, the layer is host-bound: the GPU
+waits for launches.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -40,6 +47,24 @@ def profile(fn, grad: torch.Tensor, reps: int = 5, eager: bool = False) -> list[
     return sorted(rows, reverse=True)
 
 
+def host_timing(fn, grad: torch.Tensor, reps: int = 20, eager: bool = False) -> dict[str, float]:  # noqa: ANN001
+    """Median wall ms of a synchronised fwd+bwd, and median ms until fn().backward() returns (launch time)."""
+    compiled = fn if eager else torch.compile(fn, dynamic=False)
+    for _ in range(3):
+        compiled().backward(grad)
+    walls, launches = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        compiled().backward(grad)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        launches.append((t1 - t0) * 1e3)
+        walls.append((t2 - t0) * 1e3)
+    return dict(wall_ms=statistics.median(walls), launch_ms=statistics.median(launches))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[3968, 15488])
@@ -64,10 +89,13 @@ def main() -> None:
                          ("attention/cudnn", lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION))):
             rows = profile(fn, grad, eager=args.eager)
             total = sum(r[0] for r in rows)
-            print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd ({'eager' if args.eager else 'compiled'})")
-            for ms, count, key in rows[: args.top]:
-                print(f"  {ms:7.3f} ms x{count:<3d} {key}")
-            out[f"{name}/{n}"] = dict(total_ms=total, kernels=rows)
+            host = host_timing(fn, grad, eager=args.eager)
+            count = sum(r[1] for r in rows)
+            print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd ({'eager' if args.eager else 'compiled'}), "
+                  f"wall {host['wall_ms']:.3f} ms, launch {host['launch_ms']:.3f} ms, {count} kernels")
+            for ms, c, key in rows[: args.top]:
+                print(f"  {ms:7.3f} ms x{c:<3d} {key}")
+            out[f"{name}/{n}"] = dict(total_ms=total, kernel_launches=count, **host, kernels=rows)
     write_json(args.out, dict(environment(), benchmark="mixer layer kernel profile (issue 5b)", layers=out))
 
 
