@@ -29,15 +29,14 @@ from m4v.layers.rope import frame_positions, rope_cos_sin  # noqa: E402
 from m4v.models.blocks import MMDiMBlock, SequenceContext  # noqa: E402
 
 
-def profile(fn, grad: torch.Tensor, reps: int = 5, eager: bool = False) -> list[tuple[float, int, str]]:  # noqa: ANN001
-    """(ms per call, launches per call, kernel name) of every CUDA kernel of (compiled) fn().backward(grad)."""
-    compiled = fn if eager else torch.compile(fn, dynamic=False)
+def profile(call, grad: torch.Tensor, reps: int = 5) -> list[tuple[float, int, str]]:  # noqa: ANN001
+    """(ms per call, launches per call, kernel name) of every CUDA kernel of call().backward(grad)."""
     for _ in range(reps):
-        compiled().backward(grad)
+        call().backward(grad)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            compiled().backward(grad)
+            call().backward(grad)
         torch.cuda.synchronize()
     rows = [
         (e.self_device_time_total / reps / 1e3, e.count // reps, e.key[:90])
@@ -47,16 +46,13 @@ def profile(fn, grad: torch.Tensor, reps: int = 5, eager: bool = False) -> list[
     return sorted(rows, reverse=True)
 
 
-def host_timing(fn, grad: torch.Tensor, reps: int = 20, eager: bool = False) -> dict[str, float]:  # noqa: ANN001
-    """Median wall ms of a synchronised fwd+bwd, and median ms until fn().backward() returns (launch time)."""
-    compiled = fn if eager else torch.compile(fn, dynamic=False)
-    for _ in range(3):
-        compiled().backward(grad)
+def host_timing(call, grad: torch.Tensor, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
+    """Median wall ms of a synchronised call().backward(grad), and median ms until it returns (launch time)."""
     walls, launches = [], []
     for _ in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        compiled().backward(grad)
+        call().backward(grad)
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -87,9 +83,10 @@ def main() -> None:
         ctx.prepare({1}, attention=False)
         for name, fn in (("mmdim+temporal", lambda: block.mix(x, ctx)),
                          ("attention/cudnn", lambda: attn(x, rope, SDPBackend.CUDNN_ATTENTION))):
-            rows = profile(fn, grad, eager=args.eager)
+            call = fn if args.eager else torch.compile(fn, dynamic=False)  # warmed up by profile()
+            rows = profile(call, grad)
             total = sum(r[0] for r in rows)
-            host = host_timing(fn, grad, eager=args.eager)
+            host = host_timing(call, grad)
             count = sum(r[1] for r in rows)
             print(f"== {name} {n} tokens: GPU {total:.3f} ms per fwd+bwd ({'eager' if args.eager else 'compiled'}), "
                   f"wall {host['wall_ms']:.3f} ms, launch {host['launch_ms']:.3f} ms, {count} kernels")
