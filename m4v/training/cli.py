@@ -49,16 +49,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from m4v.training.trainer import run_training
 
     cfg = load_config(args.config, _common_overrides(args))
-    run_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
-    return 0
+    trainer = run_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0  # stopped by a signal, after saving
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from m4v.training.vae_training import load_vae_config, run_vae_training
 
     cfg = load_vae_config(args.config, _common_overrides(args))
-    run_vae_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
-    return 0
+    trainer = run_vae_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0  # stopped by a signal, after saving
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -389,8 +389,16 @@ class StepStream(IterableDataset):
             yield self.batch(micro, wid)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group; the main process handles it (``m4v.training.stop``) and may still
+    need batches for the step in flight (gradient accumulation), so workers keep serving them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(stream: StepStream, num_workers: int, prefetch_factor: int, pin_memory: bool = False) -> DataLoader:
     kw: dict[str, Any] = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
     if num_workers > 0:
-        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=_ignore_sigint)
     return DataLoader(stream, **kw)

@@ -79,17 +79,3 @@ def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def time_is_up(deadline: float | None, info: DistInfo) -> bool:
-    """True once ``time.monotonic()`` passed ``deadline`` on any rank (collective when distributed)."""
-    if deadline is None:
-        return False
-    import time
-
-    late = time.monotonic() >= deadline
-    if not info.distributed:
-        return late  # no device tensor, no sync on the hot path of one process
-    flag = torch.tensor([float(late)], device=info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())

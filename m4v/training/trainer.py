@@ -34,12 +34,13 @@ from m4v.training.checkpoint import checkpoint_path, load_checkpoint, resolve_re
 from m4v.training.components import build_transformer, load_family_text_encoder, load_vae
 from m4v.training.config import TrainConfig
 from m4v.training.data import Planner, ShardIndex, SourceSet, StepPlan, StepStream, is_shard_folder, make_loader
-from m4v.training.distributed import DistInfo, barrier, init_distributed, shard_model, time_is_up
+from m4v.training.distributed import DistInfo, barrier, init_distributed, shard_model
 from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter, RunningMean
 from m4v.training.objective import PyramidFlowObjective, token_count
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import generator
+from m4v.training.stop import GracefulStop, should_stop
 from m4v.training.text import encode_null, stack_text, text_to
 from m4v.training.wan_objective import WanFlowObjective, wan_token_count
 
@@ -144,6 +145,7 @@ class Trainer:
         # state
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.stopped_by: int | None = None  # signal that ended the last train() early
         self._resumed_skips: Counter[str] = Counter()
         self._lazy_by_worker: dict[int, Counter[str]] = {}
         self._eval_stream: StepStream | None = None
@@ -358,7 +360,8 @@ class Trainer:
         """Run optimizer steps ``self.step .. stop_at`` (default: the end of the schedule); returns the records.
 
         ``time_limit`` (minutes): stop after the first step that ends past it, checkpoint, and export
-        ``output_dir/final`` as if the schedule ended there.
+        ``output_dir/final`` as if the schedule ended there. SIGTERM / SIGINT do the same after the step in flight
+        (``m4v.training.stop``; ``self.stopped_by`` holds the signal number).
         """
         cfg, info = self.cfg, self.info
         deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
@@ -381,51 +384,55 @@ class Trainer:
         micro_results: list[dict[str, Any]] = []
         plans: list[StepPlan] = []
         t0 = time.perf_counter()
-        try:
-            for batch in loader:
-                plan = self.planner.plan(int(batch["micro_step"]))
-                self._lazy_by_worker[int(batch["worker"])] = Counter(batch["lazy_skips"])
-                m = plan.micro_step % self.accum
-                if m == 0:
-                    set_lr(self.optimizer, learning_rate(cfg, plan.step))
-                self._sync_set(m == self.accum - 1)
-                micro_results.append(self._micro_step(batch, plan))
-                plans.append(plan)
-                if m < self.accum - 1:
-                    continue
-                grad_norm = self._clip_and_step()
-                if self.ema is not None:
-                    self.ema.update(self.model, plan.step)
-                record = self._record(plan, plans, micro_results, grad_norm, time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                micro_results, plans = [], []
-                self.step = plan.step + 1
-                self.history.append(record)
-                for p, loss in zip(record["pyramid_stages"], record["micro_flow"]):
-                    running.update(p, loss)
-                bar.update(1)
-                bar.set_postfix_str(self._postfix(record, running), refresh=False)
-                timed_out = self.step < end and time_is_up(deadline, info)
-                last = self.step == end or timed_out
-                if self.step % cfg.logging.every == 0 or last:
-                    skipped = sum(self._global_skips().values())  # collective: every rank takes part
-                    if writer is not None:
-                        writer.write(self._row(record, skipped))
-                if self.step % cfg.checkpoint.every == 0 or last:
-                    self.save()
-                if timed_out:
-                    break
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        skipped = self._global_skips()
-        if info.is_main and sum(skipped.values()):
-            logger.warning("data: skipped %d bad items (%s)", sum(skipped.values()), dict(skipped))
-        if timed_out and info.is_main:
-            logger.info("time limit of %.3g min reached at step %d of %d", time_limit, self.step, end)
-        if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
-            self.export(self.out / "final")
+        with GracefulStop() as stop:
+            try:
+                for batch in loader:
+                    plan = self.planner.plan(int(batch["micro_step"]))
+                    self._lazy_by_worker[int(batch["worker"])] = Counter(batch["lazy_skips"])
+                    m = plan.micro_step % self.accum
+                    if m == 0:
+                        set_lr(self.optimizer, learning_rate(cfg, plan.step))
+                    self._sync_set(m == self.accum - 1)
+                    micro_results.append(self._micro_step(batch, plan))
+                    plans.append(plan)
+                    if m < self.accum - 1:
+                        continue
+                    grad_norm = self._clip_and_step()
+                    if self.ema is not None:
+                        self.ema.update(self.model, plan.step)
+                    record = self._record(plan, plans, micro_results, grad_norm, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    micro_results, plans = [], []
+                    self.step = plan.step + 1
+                    self.history.append(record)
+                    for p, loss in zip(record["pyramid_stages"], record["micro_flow"]):
+                        running.update(p, loss)
+                    bar.update(1)
+                    bar.set_postfix_str(self._postfix(record, running), refresh=False)
+                    timed_out = self.step < end and should_stop(deadline, stop, info)
+                    last = self.step == end or timed_out
+                    if self.step % cfg.logging.every == 0 or last:
+                        skipped = sum(self._global_skips().values())  # collective: every rank takes part
+                        if writer is not None:
+                            writer.write(self._row(record, skipped))
+                    if self.step % cfg.checkpoint.every == 0 or last:
+                        self.save()
+                    if timed_out:
+                        break
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+            skipped = self._global_skips()
+            if info.is_main and sum(skipped.values()):
+                logger.warning("data: skipped %d bad items (%s)", sum(skipped.values()), dict(skipped))
+            self.stopped_by = stop.signum if timed_out else None
+            if timed_out and info.is_main:
+                why = stop.name if stop.requested else f"time limit of {time_limit:.3g} min"
+                logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)",
+                            why, self.step, end)
+            if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
+                self.export(self.out / "final")  # still under the guard: a second SIGTERM waits for the export
         return self.history
 
     def _record(

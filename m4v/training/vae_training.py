@@ -39,11 +39,12 @@ from m4v.training.config import (
     validate_stage,
 )
 from m4v.training.data import Planner, SourceSet, StepStream, is_shard_folder, make_loader
-from m4v.training.distributed import DistInfo, barrier, cleanup, init_distributed, shard_model, time_is_up
+from m4v.training.distributed import DistInfo, barrier, cleanup, init_distributed, shard_model
 from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import derive_seed, generator
+from m4v.training.stop import GracefulStop, should_stop
 from m4v.training.trainer import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class VAETrainer:
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.stopped_by: int | None = None  # signal that ended the last train() early
         ckpt = resolve_resume(cfg.checkpoint.resume, self.out)
         if ckpt is not None:
             self.step = int(load_checkpoint(ckpt, model, self.optimizer, self.ema, self.info)["step"])
@@ -176,7 +178,8 @@ class VAETrainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train(self, stop_at: int | None = None, time_limit: float | None = None) -> list[dict[str, Any]]:
-        """Optimizer steps up to ``stop_at`` or ``time_limit`` minutes (then checkpoint and export, as at the end)."""
+        """Optimizer steps up to ``stop_at`` or ``time_limit`` minutes (then checkpoint and export, as at the end);
+        SIGTERM / SIGINT end the run the same way after the step in flight (``m4v.training.stop``)."""
         cfg, info, accum = self.cfg, self.info, self.cfg.train.grad_accum
         deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
         timed_out = False
@@ -191,65 +194,69 @@ class VAETrainer:
         bar = tqdm(total=end, initial=self.step, desc="train-vae", disable=not (cfg.logging.progress and info.is_main))
         parts: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        try:
-            for batch in loader:
-                plan = self.planner.plan(int(batch["micro_step"]))
-                m = plan.micro_step % accum
-                if m == 0:
-                    set_lr(self.optimizer, learning_rate(cfg, plan.step))  # type: ignore[arg-type]
-                if info.distributed:
-                    self.model.set_requires_gradient_sync(m == accum - 1)
-                video = batch["video"].to(self.device)
-                gens = [generator(cfg.seed, "vae-post", mi, j) for mi, j in plan.sample_keys(info.rank, info.world)]
-                with self._autocast():
-                    loss, p = vae_loss(self.model, video, gens, cfg.loss)
-                (loss / accum).backward()
-                parts.append(torch.stack([loss.detach().float(), p["recon"].float(), p["kl"].float()]))
-                if m < accum - 1:
-                    continue
-                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-                grads = [q for q in self.model.parameters() if q.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model, plan.step)
-                vals = torch.stack(parts).mean(0).to(self.device)
-                if info.distributed:
-                    dist.all_reduce(vals, op=dist.ReduceOp.SUM)
-                    vals /= info.world
-                vals = vals.cpu()
-                dt, t0 = time.perf_counter() - t0, time.perf_counter()
-                rec = {
-                    "step": plan.step, "stage_index": plan.stage_index, "kind": plan.kind, "loss": float(vals[0]),
-                    "recon": float(vals[1]), "kl": float(vals[2]), "lr": self.optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(norm), "step_time": dt,
-                }
-                parts = []
-                self.step = plan.step + 1
-                self.history.append(rec)
-                bar.update(1)
-                post = f"loss {rec['loss']:.4f} | recon {rec['recon']:.4f} | kl {rec['kl']:.3g}"
-                bar.set_postfix_str(post, refresh=False)
-                timed_out = self.step < end and time_is_up(deadline, info)
-                last = self.step == end or timed_out
-                if writer is not None and (self.step % cfg.logging.every == 0 or last):
-                    writer.write(rec)
-                if self.step % cfg.checkpoint.every == 0 or last:
-                    meta = {"step": self.step, "config": _asdict(cfg)}
-                    save_checkpoint(checkpoint_path(self.out, self.step), self.model, self.optimizer, self.ema,
-                                    meta, info, keep=cfg.checkpoint.keep)
-                if timed_out:
-                    break
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        if timed_out and info.is_main:
-            logger.info("time limit of %.3g min reached at step %d of %d", time_limit, self.step, end)
-        if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
-            self.export(self.out / "final" / "vae")
+        with GracefulStop() as stop:
+            try:
+                for batch in loader:
+                    plan = self.planner.plan(int(batch["micro_step"]))
+                    m = plan.micro_step % accum
+                    if m == 0:
+                        set_lr(self.optimizer, learning_rate(cfg, plan.step))  # type: ignore[arg-type]
+                    if info.distributed:
+                        self.model.set_requires_gradient_sync(m == accum - 1)
+                    video = batch["video"].to(self.device)
+                    gens = [generator(cfg.seed, "vae-post", mi, j) for mi, j in plan.sample_keys(info.rank, info.world)]
+                    with self._autocast():
+                        loss, p = vae_loss(self.model, video, gens, cfg.loss)
+                    (loss / accum).backward()
+                    parts.append(torch.stack([loss.detach().float(), p["recon"].float(), p["kl"].float()]))
+                    if m < accum - 1:
+                        continue
+                    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+                    grads = [q for q in self.model.parameters() if q.grad is not None]
+                    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update(self.model, plan.step)
+                    vals = torch.stack(parts).mean(0).to(self.device)
+                    if info.distributed:
+                        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+                        vals /= info.world
+                    vals = vals.cpu()
+                    dt, t0 = time.perf_counter() - t0, time.perf_counter()
+                    rec = {
+                        "step": plan.step, "stage_index": plan.stage_index, "kind": plan.kind, "loss": float(vals[0]),
+                        "recon": float(vals[1]), "kl": float(vals[2]), "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(norm), "step_time": dt,
+                    }
+                    parts = []
+                    self.step = plan.step + 1
+                    self.history.append(rec)
+                    bar.update(1)
+                    post = f"loss {rec['loss']:.4f} | recon {rec['recon']:.4f} | kl {rec['kl']:.3g}"
+                    bar.set_postfix_str(post, refresh=False)
+                    timed_out = self.step < end and should_stop(deadline, stop, info)
+                    last = self.step == end or timed_out
+                    if writer is not None and (self.step % cfg.logging.every == 0 or last):
+                        writer.write(rec)
+                    if self.step % cfg.checkpoint.every == 0 or last:
+                        meta = {"step": self.step, "config": _asdict(cfg)}
+                        save_checkpoint(checkpoint_path(self.out, self.step), self.model, self.optimizer, self.ema,
+                                        meta, info, keep=cfg.checkpoint.keep)
+                    if timed_out:
+                        break
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+            self.stopped_by = stop.signum if timed_out else None
+            if timed_out and info.is_main:
+                why = stop.name if stop.requested else f"time limit of {time_limit:.3g} min"
+                logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)",
+                            why, self.step, end)
+            if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
+                self.export(self.out / "final" / "vae")
         return self.history
 
     @torch.no_grad()

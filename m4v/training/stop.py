@@ -1,0 +1,73 @@
+"""Graceful stop of a training run on SIGTERM / SIGINT: finish the step, checkpoint, export, exit.
+
+A scheduler that pre-empts a job (SLURM, Kubernetes, a lent GPU machine) sends SIGTERM and waits a little
+before killing it; a user presses Ctrl-C. Either way the loop should not lose the steps since the last
+checkpoint: ``GracefulStop`` records the signal, the loop ends after the step in flight exactly as at a time
+limit (metrics row, resumable checkpoint, ``final/`` export), and ``m4v train`` exits with 128 + the signal
+number. A second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class GracefulStop:
+    """Context manager: while active, SIGTERM / SIGINT set ``signum`` instead of ending the process."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        """The signal's name (SIGTERM, SIGINT), or "" before one came."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s: stopping after this step (checkpoint and final export); Ctrl-C again interrupts at once",
+                       self.name)
+
+
+def should_stop(deadline: float | None, stop: GracefulStop | None, info: Any) -> bool:
+    """True once ``time.monotonic()`` passed ``deadline`` or a stop signal came, on any rank.
+
+    Collective when distributed (every rank must leave the loop after the same step); one process needs no sync.
+    """
+    late = deadline is not None and time.monotonic() >= deadline
+    flag = late or (stop is not None and stop.requested)
+    if not info.distributed or (deadline is None and stop is None):
+        return flag
+    t = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
