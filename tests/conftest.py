@@ -1,5 +1,9 @@
 """Shared test helpers."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -28,6 +32,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """Import a script of the repository (scripts/, benchmarks/) that is not part of the package, e.g. to call main."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(argv: list[str]) -> int:

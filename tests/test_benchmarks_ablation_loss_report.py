@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["step", "kind", "frame", "pyramid_stage", "flow_loss"]
 
 
 def _script():
-    path = ROOT / "benchmarks" / "ablation_loss_report.py"
-    spec = importlib.util.spec_from_file_location("ablation_loss_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ablation_loss_report.py")
 
 
 def _write(path: Path, rows: list[tuple]) -> None:

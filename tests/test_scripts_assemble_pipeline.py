@@ -3,25 +3,19 @@ no path of the build machine and whose weights are float16 with --half."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
+from conftest import load_script, tiny_model
 from safetensors.torch import load_file
 
 from m4v.models.vae import build_video_vae
 from m4v.pipelines import M4VPipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("assemble_pipeline", ROOT / "scripts" / "assemble_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/assemble_pipeline.py")
 
 
 def test_assembled_pipeline_loads_without_source_paths(tmp_path: Path) -> None:

@@ -3,23 +3,17 @@ every shared tensor, drop exactly the ablated module, and load as save_pretraine
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
+from conftest import load_script, tiny_model
 from test_models_transformer import inputs
 
 from m4v.models import M4VTransformer
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_ablation_seeds", ROOT / "scripts" / "make_ablation_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/make_ablation_seeds.py")
 
 
 def _velocity(model: M4VTransformer) -> torch.Tensor:

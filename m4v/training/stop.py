@@ -59,6 +59,12 @@ class GracefulStop:
                        self.name)
 
 
+def report_stop(stop: GracefulStop, time_limit: float | None, step: int, end: int) -> None:
+    """Log why a run ended at ``step`` before ``end``: the signal, else the time limit."""
+    why = stop.name if stop.requested else f"time limit of {time_limit:.3g} min"
+    logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)", why, step, end)
+
+
 def should_stop(deadline: float | None, stop: GracefulStop | None, info: Any) -> bool:
     """True once ``time.monotonic()`` passed ``deadline`` or a stop signal came, on any rank.
 

@@ -40,7 +40,7 @@ from m4v.training.metrics import MetricsWriter, RunningMean
 from m4v.training.objective import PyramidFlowObjective, token_count
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import generator
-from m4v.training.stop import GracefulStop, should_stop
+from m4v.training.stop import GracefulStop, report_stop, should_stop
 from m4v.training.text import encode_null, stack_text, text_to
 from m4v.training.wan_objective import WanFlowObjective, wan_token_count
 
@@ -428,9 +428,7 @@ class Trainer:
                 logger.warning("data: skipped %d bad items (%s)", sum(skipped.values()), dict(skipped))
             self.stopped_by = stop.signum if timed_out else None
             if timed_out and info.is_main:
-                why = stop.name if stop.requested else f"time limit of {time_limit:.3g} min"
-                logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)",
-                            why, self.step, end)
+                report_stop(stop, time_limit, self.step, end)
             if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
                 self.export(self.out / "final")  # still under the guard: a second SIGTERM waits for the export
         return self.history

@@ -44,7 +44,7 @@ from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import derive_seed, generator
-from m4v.training.stop import GracefulStop, should_stop
+from m4v.training.stop import GracefulStop, report_stop, should_stop
 from m4v.training.trainer import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -252,9 +252,7 @@ class VAETrainer:
                     writer.close()
             self.stopped_by = stop.signum if timed_out else None
             if timed_out and info.is_main:
-                why = stop.name if stop.requested else f"time limit of {time_limit:.3g} min"
-                logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)",
-                            why, self.step, end)
+                report_stop(stop, time_limit, self.step, end)
             if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
                 self.export(self.out / "final" / "vae")
         return self.history
