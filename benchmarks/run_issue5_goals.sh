@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 5's three speed goals measured in one run on one GPU, then read off by benchmarks/issue5_goals.py.
+#   bash benchmarks/run_issue5_goals.sh OUT_DIR        (repo root; about 13 minutes on an H100)
+# (a) bench_ssd.py: our SSD op against fla's chunk_simple_gla and mamba_ssm's mamba_chunk_scan_combined (their
+#     rows say "not importable" unless fla-core and mamba_ssm, built with MAMBA_SKIP_CUDA_BUILD=TRUE, are installed);
+# (b) bench_layers.py: the MM-DiM (+ temporal branch) and attention layers eager, compiled and as CUDA graphs;
+# (c) bench_generate.py: full_temp and full_attn at 241 frames, 768x1280, random weights, CUDA graphs on.
+# Each step writes its JSON into OUT_DIR as it ends; goals.json and the goal table come last.
+set -u
+OUT=${1:?output folder}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+echo "== (a) SSD op $(date +%T)"
+python3 benchmarks/bench_ssd.py --no-breakdown --out "$OUT/ssd.json" 2>&1 | tail -12
+echo "== (b) mixer layers $(date +%T)"
+python3 benchmarks/bench_layers.py --tokens 3968 15488 --ssd-backends triton --compile default reduce-overhead \
+  --cuda-graphs --out "$OUT/layers.json" 2>&1 | tail -24
+echo "== (c) end to end, 241 frames $(date +%T)"
+python3 benchmarks/bench_generate.py --frames 241 --reps 1 --layouts full_temp full_attn --cuda-graphs on \
+  --out "$OUT/generate.json" 2>&1 | tail -8
+echo "== goals $(date +%T)"
+args=()
+for k in ssd layers generate; do [ -f "$OUT/$k.json" ] && args+=("--$k" "$OUT/$k.json"); done
+python3 benchmarks/issue5_goals.py "${args[@]}" --out "$OUT/goals.json"
