@@ -10,6 +10,9 @@
 #   train STEPS MIN  prepare latents, train the five variants side by side for STEPS steps (at most MIN
 #                    minutes each), evaluate each on the held-out split (m4v eval shapes --in-memory: the
 #                    GPU machine has no FFmpeg)
+#   ablate STEPS MIN paper Table 3 by its fast evaluation protocol (C.2: one initialisation, equal steps):
+#                    scripts/make_ablation_seeds.py derives the control and the three ablations from SOURCE (default
+#                    the shipped transformer), then phase train continues all four from there (KEEP: all four)
 # Variants (paper Table 3 ablations and the Table 4 baseline): full_temp (shipped), full_attn,
 # no_recomposition, no_registers, no_temporal (VARIANTS="full_temp full_attn" picks some). EXTRA="--set K=V ..."
 # is added to every train command, EVAL_ARGS to every eval (GUIDANCE="FIRST LATER" sets the evaluated pipelines'
@@ -25,7 +28,7 @@
 #   python scripts/assemble_pipeline.py --transformer runs/report_train/transformer_full_temp --vae VAE \
 #       -o m4v/assets/default --half
 set -euo pipefail
-PHASE=${1:?phase: vae, probe or train}
+PHASE=${1:?phase: vae, probe, train or ablate}
 OUT=${OUT:-out}
 M4V=${M4V:-python3 -m m4v}
 DEVICE=${DEVICE:-cuda}
@@ -115,6 +118,14 @@ case $PHASE in
     # shellcheck disable=SC2086
     evaluate ${EVAL_ARGS:-}
     echo "eval: $SECONDS s"
+    ;;
+  ablate)
+    python3 scripts/make_ablation_seeds.py --transformer "${SOURCE:-m4v/assets/default/transformer}" \
+      -o runs/ablation_seeds
+    trap - EXIT
+    rmdir "$W" 2>/dev/null || true
+    FROM=runs/ablation_seeds VARIANTS="full_temp no_recomposition no_registers no_temporal" \
+      KEEP="${KEEP:-full_temp no_recomposition no_registers no_temporal}" exec bash "$0" train "${2:?steps}" "${3:?minutes}"
     ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac
