@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from m4v.training.distributed import DistInfo
+
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -65,14 +67,14 @@ def report_stop(stop: GracefulStop, time_limit: float | None, step: int, end: in
     logger.info("%s: stopped at step %d of %d (checkpoint written; resume with checkpoint.resume=auto)", why, step, end)
 
 
-def should_stop(deadline: float | None, stop: GracefulStop | None, info: Any) -> bool:
+def should_stop(deadline: float | None, stop: GracefulStop, info: DistInfo) -> bool:
     """True once ``time.monotonic()`` passed ``deadline`` or a stop signal came, on any rank.
 
-    Collective when distributed (every rank must leave the loop after the same step); one process needs no sync.
+    Collective when distributed (every rank must leave the loop after the same step: one scalar all-reduce beside the
+    loss all-reduce both loops already do each step); one process needs no sync.
     """
-    late = deadline is not None and time.monotonic() >= deadline
-    flag = late or (stop is not None and stop.requested)
-    if not info.distributed or (deadline is None and stop is None):
+    flag = stop.requested or (deadline is not None and time.monotonic() >= deadline)
+    if not info.distributed:
         return flag
     t = torch.tensor([float(flag)], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
