@@ -150,7 +150,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
         raise ValueError(f"--steps: give 1 or {stages} values (one per pyramid stage), got {len(steps)}")
     kwargs: dict = dict(num_inference_steps=steps, height=args.height, width=args.width, num_frames=args.frames,
                         negative_prompt=args.negative_prompt)
-    frames = args.frames or int(pipe.default_frames)
+    frames = int(pipe.default_frames) if args.frames is None else args.frames
     kwargs.update(sqg_kwargs(args.self_quality_guidance, args.sqg_start_frame, pipe.vae.num_latent_frames(frames)))
     if args.video_steps:
         video_steps = parse_steps(args.video_steps, "--video-steps")

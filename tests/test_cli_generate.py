@@ -76,6 +76,9 @@ def _corrupt_model(tmp_path):
         (["--prompt-override", ""], "prompt: must be a non-empty string"),
         (["--height", "100"], "height: 100 is not allowed; it must be a multiple of 32"),  # VAE 8 x patch 1 x 2^2
         (["--frames", "20"], "the nearest valid value is 17"),
+        (["--frames", "0"], "num_frames: 0 is not 1 + 8k"),  # 0 is not "the model's default"
+        (["--height", "0"], "height: 0 is not allowed"),
+        (["--width", "0"], "width: 0 is not allowed"),
         (["--steps", "0"], "--steps: step counts must be positive"),
         (["--steps", "-3"], "--steps"),
         (["--guidance", "-1"], "--guidance: must be >= 0"),

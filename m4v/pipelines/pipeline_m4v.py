@@ -244,9 +244,9 @@ class M4VPipeline(DiffusionPipeline):
         """
         guidance_scale = self.default_guidance[0] if guidance_scale is None else guidance_scale
         video_guidance_scale = self.default_guidance[1] if video_guidance_scale is None else video_guidance_scale
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
-        num_frames = num_frames or self.default_frames
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        num_frames = self.default_frames if num_frames is None else num_frames
         prompts = self.check_inputs(prompt, height, width, num_frames, guidance_scale, video_guidance_scale)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type: must be 'np', 'pt' or 'latent', got {output_type!r}")

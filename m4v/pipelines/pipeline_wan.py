@@ -347,9 +347,9 @@ class M4VWanPipeline(DiffusionPipeline):
         frame group and one stage).  ``shift`` defaults to the model's ``flow_shift`` or Wan's value for the
         resolution (``wan_default_shift``).  ``latents`` [B, C, T, h, w] replaces the initial noise.
         """
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
-        num_frames = num_frames or self.default_frames
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        num_frames = self.default_frames if num_frames is None else num_frames
         if isinstance(num_inference_steps, list | tuple) and len(num_inference_steps) == 1:
             num_inference_steps = num_inference_steps[0]  # one "stage": the m4v CLI's --steps N
         prompts = self.check_inputs(prompt, height, width, num_frames, num_inference_steps, guidance_scale, shift)
