@@ -12,6 +12,22 @@ class UsageError(ValueError):
     """A bad argument or input: reported as one line on stderr, exit code 2, no traceback."""
 
 
+def _check_flops_sizes(args: argparse.Namespace) -> None:
+    """Frames 1 + 8k and pixel sizes the pyramid can halve (VAE 8 x patch x 2^(3-1)), as generation needs them."""
+    from m4v.eval.flops import resolved_config
+
+    m = 8 * int(resolved_config(args.config)["patch_size"]) * 4
+    for f in args.frames:
+        if f < 1 or (f - 1) % 8:
+            near = max(1, round((f - 1) / 8) * 8 + 1)
+            raise UsageError(f"--frames: {f} is not 1 + 8k; the nearest valid value is {near}")
+    for name, v in (("--height", args.height), ("--width", args.width)):
+        if v < m or v % m:
+            raise UsageError(f"{name}: {v} is not allowed; it must be a multiple of {m} (e.g. {max(m, v // m * m)})")
+    if args.text_len < 0:
+        raise UsageError(f"--text-len: must be >= 0, got {args.text_len}")
+
+
 def _cmd_flops(args: argparse.Namespace) -> int:
     from m4v.eval.flops import compute_table, format_table, table_dict
     from m4v.models.layouts import LAYOUTS
@@ -32,6 +48,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     for layout in layouts:
         if layout not in LAYOUTS:
             raise UsageError(f"--layouts: unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    _check_flops_sizes(args)
     rows = compute_table(args.config, layouts, tuple(args.frames), args.height, args.width, args.text_len)
     if args.json:
         print(json.dumps(table_dict(rows), indent=2))
