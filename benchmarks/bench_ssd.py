@@ -10,9 +10,7 @@ pure-torch path run in float32 on the same (bf16) inputs. A short table is print
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment  # noqa: E402
 
 from m4v.ops.ssd import ssd_torch  # noqa: E402
 
@@ -30,14 +31,6 @@ SHAPES = [  # (heads, groups, headdim, d_state)
 ]
 GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 DEVICE = "cuda"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
 
 
 def make_inputs(l: int, h: int, g: int, p: int, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -283,7 +276,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ssd.py needs a CUDA device.")
-    import triton
 
     from m4v.ops.triton_ssd import launch
 
@@ -291,11 +283,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        **environment(),  # device, torch, triton, date, commit (M4V_COMMIT where the copy has no git), command
         "dtype": "bfloat16",
         "batch": 1,
         "chunk_size": 256,
