@@ -113,6 +113,9 @@ def sqg_kwargs(weight: float, start: int | None, num_latent_frames: int) -> dict
     return dict(self_quality_guidance=weight, sqg_start_frame=start)
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
 def _check_common(args: argparse.Namespace) -> None:
     parse_steps(args.steps, "--steps")
     if args.video_steps:
@@ -124,6 +127,9 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ValueError(f"--dtype: unknown dtype {args.dtype!r}; choose float32, bfloat16 or float16")
     if args.fps <= 0:
         raise ValueError(f"--fps: must be positive, got {args.fps}")
+    top = SEED_MAX - (getattr(args, "per_prompt", 1) - 1)  # m4v sample uses seed .. seed + per_prompt - 1
+    if not 0 <= args.seed <= top:
+        raise ValueError(f"--seed: must be between 0 and {top}, got {args.seed}")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
@@ -235,7 +241,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0): the same seed gives the same video")
     p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 8k (default: the model's)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

@@ -80,6 +80,8 @@ def _corrupt_model(tmp_path):
         (["--height", "0"], "height: 0 is not allowed"),
         (["--width", "0"], "width: 0 is not allowed"),
         (["--steps", "0"], "--steps: step counts must be positive"),
+        (["--seed", "-1"], "--seed: must be between 0 and 9223372036854775807, got -1"),
+        (["--seed", str(2**63)], "--seed: must be between 0 and 9223372036854775807"),  # torch: signed 64-bit
         (["--steps", "-3"], "--steps"),
         (["--guidance", "-1"], "--guidance: must be >= 0"),
         (["--self-quality-guidance", "-0.5"], "--self-quality-guidance: must be >= 0"),
@@ -140,3 +142,15 @@ def test_sample_prompt_list_resumable(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == files
     assert all(p.stat().st_mtime_ns == stamp[p] for p in out.iterdir() if p.name != files[0])
     assert main(["sample", "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
+def test_sample_seed_range_covers_every_video(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving up on a black background\n")
+    out = tmp_path / "videos"
+    # video i uses seed + i: the last of 2 videos from seed 2**63 - 1 would overflow torch's signed 64-bit seed
+    args = ["sample", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--seed", str(2**63 - 1)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed: must be between 0 and 9223372036854775806" in err[0], err
+    assert not out.exists()
