@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 5's three speed goals measured in one run on one GPU, then read off by benchmarks/issue5_goals.py.
-#   bash benchmarks/run_issue5_goals.sh OUT_DIR        (repo root; about 13 minutes on an H100)
+#   bash benchmarks/run_issue5_goals.sh OUT_DIR        (repo root; about 15 minutes on an H100: (a) 5.5 with tuning, (b) 2, (c) about 7)
 # (a) bench_ssd.py: our SSD op against fla's chunk_simple_gla and mamba_ssm's mamba_chunk_scan_combined (their
 #     rows say "not importable" unless fla-core and mamba_ssm, built with MAMBA_SKIP_CUDA_BUILD=TRUE, are installed);
 # (b) bench_layers.py: the MM-DiM (+ temporal branch) and attention layers eager, compiled and as CUDA graphs;
