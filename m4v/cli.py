@@ -14,13 +14,13 @@ class UsageError(ValueError):
 
 def _check_flops_sizes(args: argparse.Namespace) -> None:
     """Frames 1 + 8k and pixel sizes the pyramid can halve (VAE 8 x patch x 2^(3-1)), as generation needs them."""
+    from m4v.data.video_folder import nearest_valid_num_frames
     from m4v.eval.flops import resolved_config
 
     m = 8 * int(resolved_config(args.config)["patch_size"]) * 4
     for f in args.frames:
         if f < 1 or (f - 1) % 8:
-            near = max(1, round((f - 1) / 8) * 8 + 1)
-            raise UsageError(f"--frames: {f} is not 1 + 8k; the nearest valid value is {near}")
+            raise UsageError(f"--frames: {f} is not 1 + 8k; the nearest valid value is {nearest_valid_num_frames(f)}")
     for name, v in (("--height", args.height), ("--width", args.width)):
         if v < m or v % m:
             raise UsageError(f"{name}: {v} is not allowed; it must be a multiple of {m} (e.g. {max(m, v // m * m)})")
