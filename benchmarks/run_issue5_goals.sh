@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's three speed goals measured in one run on one GPU, then read off by benchmarks/issue5_goals.py.
 #   bash benchmarks/run_issue5_goals.sh OUT_DIR        (repo root; about 15 minutes on an H100: (a) 5.5 with tuning, (b) 2, (c) about 7)
+# first the three Triton ops' tests on the GPU and their host time per call (bench_op_dispatch.py, seconds);
 # (a) bench_ssd.py: our SSD op against fla's chunk_simple_gla and mamba_ssm's mamba_chunk_scan_combined (their
 #     rows say "not importable" unless fla-core and mamba_ssm, built with MAMBA_SKIP_CUDA_BUILD=TRUE, are installed);
 # (b) bench_layers.py: the MM-DiM (+ temporal branch) and attention layers eager, compiled and as CUDA graphs;
@@ -11,6 +12,11 @@ OUT=${1:?output folder}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+echo "== kernel tests on the GPU $(date +%T)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops_ssd_triton.py tests/test_ops_conv_triton.py \
+  tests/test_ops_norm_triton.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+echo "== host time per op call: eager autograd.Function vs custom op $(date +%T)"
+timeout 120 python3 benchmarks/bench_op_dispatch.py --out "$OUT/op_dispatch.json" 2>&1 | tail -4
 echo "== (a) SSD op $(date +%T)"
 python3 benchmarks/bench_ssd.py --no-breakdown --out "$OUT/ssd.json" 2>&1 | tail -12
 echo "== (b) mixer layers $(date +%T)"

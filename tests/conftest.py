@@ -6,6 +6,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m4v.models import M4VTransformer, named_config
 
@@ -41,6 +42,22 @@ def load_script(relative_path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class OpNames(TorchDispatchMode):
+    """Records the packet name of every op dispatched inside it (e.g. ``aten.mm``, ``m4v.ssd_triton_fwd``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    def custom(self) -> set[str]:
+        """The recorded ops of the ``m4v`` library."""
+        return {n for n in self.names if n.startswith("m4v.")}
 
 
 def run_cli(argv: list[str]) -> int:

@@ -252,3 +252,27 @@ def test_custom_ops_opcheck_and_torch_compile_fullgraph():
     assert rel(out1, out0) < 1e-6
     for a, b in zip(grads0, grads1):
         assert rel(b, a) < 1e-6
+
+
+@needs_triton
+def test_eager_calls_skip_custom_op_dispatch():
+    """Eager calls run the kernel through an autograd.Function (m4v.ops.eager; the ops' dispatch is host time),
+    with the custom op's output and gradients bit for bit."""
+    from conftest import OpNames
+
+    y, z, w, g = make_case((3, 5, 24), seed=41, dtype=torch.float32)
+    results = []
+    for path in ("eager", "custom_op"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (y, z, w)]
+        with OpNames() as ops:
+            if path == "eager":
+                out = nt.gated_rms_norm(*leaves, 8)
+            else:
+                out = torch.ops.m4v.gated_rms_norm_triton_fwd(leaves[0].view(-1, 24), leaves[1].view(-1, 24),
+                                                              leaves[2], 8, 1e-5).view(y.shape)  # fmt: skip
+            out.backward(g)
+        want = {"m4v.gated_rms_norm_triton_fwd", "m4v.gated_rms_norm_triton_bwd"}
+        assert ops.custom() == (set() if path == "eager" else want), ops.names
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

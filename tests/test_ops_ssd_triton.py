@@ -35,6 +35,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
+from conftest import OpNames  # noqa: E402
+
 from m4v.ops.ssd_triton import ssd_triton  # noqa: E402
 from m4v.ops.triton_ssd import launch  # noqa: E402
 
@@ -259,6 +261,43 @@ def test_custom_ops_pass_opcheck(tuning):
     out = torch.ops.m4v.ssd_triton_fwd.default(*args)
     bwd = (torch.randn_like(out[0]), None, *args[:8], *out[2:], True, 16, True)
     torch.library.opcheck(torch.ops.m4v.ssd_triton_bwd.default, bwd, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_custom_op_without_final_state_passes_opcheck(tuning):
+    """want_final=False: the forward op returns an empty final state (no copy launched), fake shapes agree."""
+    tuning["min_programs"] = 1
+    a = make_inputs(1, 20, 2, 1, 16, 16, seed=4, use_init=False)
+    args = (a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], None, True, 16, False)
+    leaves = tuple(t.clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.m4v.ssd_triton_fwd.default, leaves,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+    assert torch.ops.m4v.ssd_triton_fwd.default(*args)[1].numel() == 0
+
+
+def test_eager_calls_skip_custom_op_dispatch(tuning):
+    """Eager calls run the kernels through the autograd.Function (the custom ops' dispatch is host time at short
+    sequences); its output and gradients equal the custom op's, which torch.compile uses."""
+    tuning["min_programs"] = 1
+    a = make_inputs(1, 24, 2, 1, 16, 16, seed=9)
+    runs = []
+    for path in ("eager", "custom_op"):
+        leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in a.items()}
+        with OpNames() as ops:
+            if path == "eager":
+                y, fin = ssd_triton(**leaves, dt_softplus=True, chunk_size=16, return_final_state=True)
+            else:
+                k = leaves
+                y, fin, *_ = torch.ops.m4v.ssd_triton_fwd(k["x"], k["dt"], k["A"], k["B"], k["C"], k["D"], k["z"],
+                                                          k["dt_bias"], k["initial_state"], True, 16, True)  # fmt: skip
+            (y.square().sum() + fin.sum()).backward()
+        # eager: the kernels' buffers are allocated in plain sight (inside a custom op the mode sees only the op)
+        want = {"aten.empty"} if path == "eager" else {"m4v.ssd_triton_fwd", "m4v.ssd_triton_bwd"}
+        assert ops.custom() | (ops.names & {"aten.empty"}) == want, ops.names
+        runs.append((y.detach(), fin.detach(), {k: v.grad for k, v in leaves.items() if v is not None}))
+    (y0, f0, g0), (y1, f1, g1) = runs
+    assert torch.equal(y0, y1) and torch.equal(f0, f1)
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
 
 
 def test_torch_compile_fullgraph_matches_eager(tuning):

@@ -12,12 +12,15 @@ shorter kernels are zero-padded on the oldest side. The backward recomputes the 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from m4v.ops import eager
 
 TAPS = 4  # kernel width the Triton kernels are written for (Mamba2's d_conv)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -367,8 +370,9 @@ def _conv_backward(
     return dx, dw_part.sum(0).t(), db_part.sum(0)
 
 
-# Forward and backward run as torch.library custom ops: torch.compile sees one opaque node per call (no tracing
-# into the Triton launch), with the output shapes given by the fake implementations below.
+# Forward and backward run as torch.library custom ops under torch.compile: it sees one opaque node per call (no
+# tracing into the Triton launch), with the output shapes given by the fake implementations below. Eager calls run
+# the same functions through an autograd.Function, without the ops' dispatch (m4v.ops.eager).
 @torch.library.custom_op("m4v::causal_conv1d_triton_fwd", mutates_args=())
 def _conv_fwd_op(x: torch.Tensor, w4: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
                  silu: bool) -> torch.Tensor:  # fmt: skip
@@ -400,14 +404,18 @@ def _conv_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped
     ctx.silu = silu
 
 
-def _conv_grad(ctx, dout):  # type: ignore[no-untyped-def]
-    """The backward kernel recomputes the pre-activation from the saved inputs."""
+def _conv_grad(ctx, dout, backward=_conv_bwd_op):  # type: ignore[no-untyped-def]
+    """The backward kernel recomputes the pre-activation from the saved inputs (``backward``: the op, or in the
+    eager Function the function it wraps)."""
     x, w4, bias, mask = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(x, w4, bias, mask, ctx.silu, dout)
+    dx, dw, db = backward(x, w4, bias, mask, ctx.silu, dout)
     return dx, dw.to(w4.dtype), None if bias is None else db.to(bias.dtype), None, None
 
 
 torch.library.register_autograd("m4v::causal_conv1d_triton_fwd", _conv_grad, setup_context=_conv_setup_context)
+_conv_eager = eager.eager_function(
+    _conv_forward, _conv_setup_context, functools.partial(_conv_grad, backward=_conv_backward)
+)
 
 
 def causal_conv1d_triton(
@@ -443,7 +451,8 @@ def causal_conv1d_triton(
     mask = None if seq_mask is None else seq_mask.detach()
     k = weight.shape[1]
     w4 = (weight if k == TAPS else F.pad(weight, (TAPS - k, 0))).contiguous()  # taps right-aligned
-    return _conv_fwd_op(x, w4, None if bias is None else bias.contiguous(), mask, activation is not None)
+    args = (x, w4, None if bias is None else bias.contiguous(), mask, activation is not None)
+    return eager.call(_conv_fwd_op, _conv_eager, *args)
 
 
 __all__ = ["BWD_CONFIG", "FWD_CONFIG", "SUPPORTED_DTYPES", "causal_conv1d_triton"]

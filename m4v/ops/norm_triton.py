@@ -9,11 +9,14 @@ writes per-chunk partial weight gradients that torch sums (deterministic, no ato
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from m4v.ops import eager
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # elements per tile (rows x padded group); warps follow from it. programs_per_sm sizes the backward's chunks.
@@ -216,7 +219,8 @@ def _backward(
     return dy, dz, dw_part.sum(0)
 
 
-# Forward and backward run as torch.library custom ops: torch.compile sees one opaque node per call.
+# Forward and backward run as torch.library custom ops under torch.compile: it sees one opaque node per call.
+# Eager calls run the same functions through an autograd.Function, without the ops' dispatch (m4v.ops.eager).
 @torch.library.custom_op("m4v::gated_rms_norm_triton_fwd", mutates_args=())
 def _norm_fwd_op(y2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, group: int, eps: float) -> torch.Tensor:
     return _forward(y2, z2, weight, group, eps)
@@ -245,15 +249,17 @@ def _norm_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped
     ctx.meta = (group, eps)
 
 
-def _norm_grad(ctx, dout):  # type: ignore[no-untyped-def]
-    """The backward kernel recomputes the gate and the RMS from the saved inputs."""
+def _norm_grad(ctx, dout, backward=_norm_bwd_op):  # type: ignore[no-untyped-def]
+    """The backward kernel recomputes the gate and the RMS from the saved inputs (``backward``: the op, or in the
+    eager Function the function it wraps)."""
     y2, z2, weight = ctx.saved_tensors
     group, eps = ctx.meta
-    dy, dz, dw = _norm_bwd_op(y2, z2, weight, group, eps, _rows2d(dout))
+    dy, dz, dw = backward(y2, z2, weight, group, eps, _rows2d(dout))
     return dy, dz, dw.to(weight.dtype), None, None
 
 
 torch.library.register_autograd("m4v::gated_rms_norm_triton_fwd", _norm_grad, setup_context=_norm_setup_context)
+_norm_eager = eager.eager_function(_forward, _norm_setup_context, functools.partial(_norm_grad, backward=_backward))
 
 
 def gated_rms_norm(
@@ -276,7 +282,8 @@ def gated_rms_norm(
         raise ValueError(f"y and z must be bfloat16, float16, float32 or float64, got {y.dtype} and {z.dtype}.")
     if not (y.is_cuda or _interpreting()):
         raise ValueError("y must be a CUDA tensor for the Triton norm (or set TRITON_INTERPRET=1 to run on CPU).")
-    return _norm_fwd_op(_rows2d(y), _rows2d(z), weight.contiguous(), group_size, float(eps)).view(y.shape)
+    args = (_rows2d(y), _rows2d(z), weight.contiguous(), group_size, float(eps))
+    return eager.call(_norm_fwd_op, _norm_eager, *args).view(y.shape)
 
 
 __all__ = ["BWD_CONFIG", "FWD_CONFIG", "SUPPORTED_DTYPES", "gated_rms_norm"]

@@ -9,8 +9,11 @@ accumulation are fp32; B / C are read per group, never expanded to heads.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from m4v.ops import eager
 from m4v.ops.triton_ssd import launch
 
 SSDOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -22,8 +25,41 @@ def _maybe(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
-# The kernels run inside two torch.library custom ops (forward and backward), so that torch.compile treats the
-# scan as one opaque node with known output shapes instead of tracing into the Triton launches.
+def _forward(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    dt_softplus: bool,
+    chunk_size: int,
+    want_final: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, final state, dt processed, in-chunk cumsum of dt A, chunk-entering states, pre-gate output).
+
+    The final state is an empty tensor unless ``want_final`` (its copy out of ``states`` is a launch of its own).
+    """
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    q = chunk_size
+    nc = -(-l // q)
+    init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    dtp, acum = launch.dt_forward(dt, dt_bias, A, dt_softplus, q, nc)
+    states = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
+    launch.chunk_states(x, B, dtp, acum, states, 0, q)
+    launch.state_forward(states, acum, init, q)
+    out, ypre = launch.chunk_scan_forward(x, z, B, C, dtp, acum, states, D, q)
+    final = states[:, nc].clone() if want_final else x.new_empty(0)
+    return out, final, dtp, acum, states, ypre if ypre is not None else x.new_empty(0)
+
+
+# Under torch.compile the kernels run inside two torch.library custom ops (forward and backward), so that the
+# compiler treats the scan as one opaque node with known output shapes instead of tracing into the Triton
+# launches; eager calls run the same functions through an autograd.Function without the ops' dispatch (m4v.ops.eager).
 @torch.library.custom_op("m4v::ssd_triton_fwd", mutates_args=())
 def _ssd_fwd(
     x: torch.Tensor,
@@ -37,34 +73,25 @@ def _ssd_fwd(
     initial_state: torch.Tensor | None,
     dt_softplus: bool,
     chunk_size: int,
+    want_final: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, final state, dt processed, in-chunk cumsum of dt A, chunk-entering states, pre-gate output)."""
-    b, l, h, p = x.shape
-    n = B.shape[3]
-    q = chunk_size
-    nc = -(-l // q)
-    init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    dtp, acum = launch.dt_forward(dt, dt_bias, A, dt_softplus, q, nc)
-    states = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
-    launch.chunk_states(x, B, dtp, acum, states, 0, q)
-    launch.state_forward(states, acum, init, q)
-    out, ypre = launch.chunk_scan_forward(x, z, B, C, dtp, acum, states, D, q)
-    return out, states[:, nc].clone(), dtp, acum, states, ypre if ypre is not None else x.new_empty(0)
+    """:func:`_forward` as a custom op."""
+    return _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, want_final)
 
 
 @_ssd_fwd.register_fake
-def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size):  # type: ignore[no-untyped-def]
+def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, want_final=True):  # type: ignore[no-untyped-def]
     b, l, h, p = x.shape
     n = B.shape[3]
     nc = -(-l // chunk_size)
     f32 = torch.float32
     dtp = x.new_empty(b, h, nc * chunk_size, dtype=f32)
-    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=f32), dtp, torch.empty_like(dtp),
+    final = x.new_empty(b, h, p, n, dtype=f32) if want_final else x.new_empty(0)
+    return (x.new_empty(b, l, h, p), final, dtp, torch.empty_like(dtp),
             x.new_empty(b, nc + 1, h, p, n, dtype=f32), x.new_empty(b, l, h, p) if z is not None else x.new_empty(0))
 
 
-@torch.library.custom_op("m4v::ssd_triton_bwd", mutates_args=())
-def _ssd_bwd(
+def _backward(
     dout: torch.Tensor,
     dfinal: torch.Tensor | None,
     x: torch.Tensor,
@@ -109,6 +136,32 @@ def _ssd_bwd(
     return tuple(x.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
 
 
+@torch.library.custom_op("m4v::ssd_triton_bwd", mutates_args=())
+def _ssd_bwd(
+    dout: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dtp: torch.Tensor,
+    acum: torch.Tensor,
+    states: torch.Tensor,
+    ypre: torch.Tensor,
+    dt_softplus: bool,
+    chunk_size: int,
+    has_init: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`_backward` as a custom op."""
+    return _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, chunk_size,
+                     has_init)  # fmt: skip
+
+
 @_ssd_bwd.register_fake
 def _ssd_bwd_fake(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, chunk_size,
                   has_init):  # type: ignore[no-untyped-def]  # fmt: skip
@@ -123,7 +176,7 @@ def _ssd_bwd_fake(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states
 
 
 def _ssd_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, *_ = inputs
     _, _, dtp, acum, states, ypre = output
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre)
     ctx.meta = (dt_softplus, chunk_size, initial_state is not None)
@@ -131,20 +184,23 @@ def _ssd_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-
     ctx.set_materialize_grads(False)
 
 
-def _ssd_backward(ctx, dout, dfinal, *_unused):  # type: ignore[no-untyped-def]
+def _ssd_backward(ctx, dout, dfinal, *_unused, backward=_ssd_bwd):  # type: ignore[no-untyped-def]
+    """Gradients of the forward's inputs (None for the absent and the non-tensor ones), computed by ``backward``:
+    the backward custom op, or, in the eager Function, the function it wraps."""
     x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre = ctx.saved_tensors
     dt_softplus, q, has_init = ctx.meta
     if dout is None:
         dout = torch.zeros_like(x)
-    grads = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, q, has_init)
+    grads = backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, q, has_init)
     dx, ddt, dA, dB, dC, dD, dz, d_bias, dinit = (_maybe(g) for g in grads)
     t_dt, t_A, t_B, t_C, t_D, t_bias = ctx.dtypes
     cast = lambda g, dt_: None if g is None else g.to(dt_)  # noqa: E731
     return (dx, cast(ddt, t_dt), cast(dA, t_A), cast(dB, t_B), cast(dC, t_C), cast(dD, t_D), dz,
-            cast(d_bias, t_bias), dinit, None, None)
+            cast(d_bias, t_bias), dinit, None, None, None)
 
 
 torch.library.register_autograd("m4v::ssd_triton_fwd", _ssd_backward, setup_context=_ssd_setup_context)
+_ssd_eager = eager.eager_function(_forward, _ssd_setup_context, functools.partial(_ssd_backward, backward=_backward))
 
 
 def _check(
@@ -212,7 +268,8 @@ def ssd_triton(
     z = z.contiguous() if z is not None else None
     # B and C enter the kernels in x's dtype; their gradients come back in their own dtypes (autograd of .to)
     B, C = B.to(x.dtype), C.to(x.dtype)
-    y, final_state, *_ = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size)
+    args = (x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, return_final_state)
+    y, final_state, *_ = eager.call(_ssd_fwd, _ssd_eager, *args)
     return (y, final_state) if return_final_state else y
 
 
