@@ -78,7 +78,8 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Offline, and diffusers / transformers warnings and progress bars off (the commands print their own)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -135,7 +136,7 @@ def _check_common(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
     """Load the pipeline on the requested device/dtype and turn the flags into pipeline arguments."""
     _one_line_warnings()
-    _quiet_libraries()
+    quiet_libraries()
     import torch
 
     from m4v.pipelines import M4VPipeline

@@ -52,6 +52,15 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"train": {"precision": "fp8"}}, "train.precision"),
         ({"train": {"grad_accum": True}}, "train.grad_accum: must be an integer"),
         ({"stages": []}, "stages: give at least one"),
+        ({"optim": {"lr": 0}}, "optim.lr: must be positive"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr: must be a finite number"),
+        ({"stages": [{"steps": 2, "height": 64, "width": 64, "lr": 0.0}]}, "stages[0].lr: must be positive"),
+        ({"ema": {"start_step": -5}}, "ema.start_step: must be >= 0"),
+        ({"model": {"config": "tiny", "overrides": {"patch_size": 1}},
+          "stages": [{"steps": 2, "height": 80, "width": 64}]},
+         "multiple of 32 (8x VAE, two pyramid halvings, patch 1"),
+        ({"zzz": 1}, "unknown top-level key 'zzz'"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, patch, message):
@@ -60,6 +69,50 @@ def test_bad_configs_name_the_field(tmp_path, patch, message):
     with pytest.raises(ValueError) as e:
         validate(from_dict(TrainConfig, d, ""))
     assert message in str(e.value)
+
+
+def test_stage_sizes_follow_the_model_patch_size(tmp_path):
+    """Pixel sizes: multiples of 8 (VAE) x 4 (two pyramid halvings) x patch; a patch-1 model (the shipped one)
+    takes 96, a patch-2 one does not. The patch size of model.pretrained comes from its config.json."""
+    stage = [{"steps": 2, "height": 96, "width": 96}]
+    assert _cfg(tmp_path, model={"config": "tiny", "overrides": {"patch_size": 1}}, stages=stage).stages[0].height == 96
+    folder = tmp_path / "pre"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "M4VTransformer", "patch_size": 1}')
+    assert _cfg(tmp_path, model={"pretrained": str(folder)}, stages=stage).stages[0].width == 96
+    with pytest.raises(ValueError, match="multiple of 64"):
+        _cfg(tmp_path, stages=stage)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("seed: [\n", {}, "is not valid YAML (line 2"),
+        (None, {"stages.5.steps": 2}, "--set stages.5.steps: stages.5 is not an item of a list of 1"),
+        (None, {"stages.x.steps": 2}, "stages.x is not an item"),
+        (None, {"seed.x": 1}, "--set seed.x: seed is a single value (0)"),
+        (None, {"optim..lr": 1}, "is not a dotted key"),
+    ],
+)
+def test_bad_yaml_and_overrides_are_one_line_errors(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(tiny_config_dict(tmp_path / "run")))
+    with pytest.raises(ValueError) as e:
+        load_config(path, overrides)
+    assert message in str(e.value)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_config(tmp_path)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_override("optim.lr=[")
+
+
+def test_override_into_a_null_section(tmp_path):
+    """``reward:`` left empty in the YAML is null; --set reward.weight=... fills it instead of failing."""
+    d = tiny_config_dict(tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(d) + "reward:\n")
+    cfg = load_config(path, {"reward.clip_dir": str(tmp_path), "reward.weight": 0.5})
+    assert cfg.reward is not None and cfg.reward.weight == 0.5
 
 
 def test_learning_rate_warmup_constant_and_cosine(tmp_path):

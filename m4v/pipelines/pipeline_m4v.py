@@ -66,6 +66,26 @@ def _steps(name: str, steps: int | Sequence[int], stages: int) -> list[int]:
     return out
 
 
+def write_model_index(
+    folder: str | os.PathLike, text_encoder_spec: Any, default_size: tuple[int, int], default_frames: int,
+    default_guidance: tuple[float, float] = PYRAMIDFLOW_GUIDANCE,
+) -> None:
+    """``model_index.json`` of an M4VPipeline folder whose transformer/, vae/ and scheduler/ are written."""
+    index = {
+        "_class_name": "M4VPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "transformer": ["m4v", "M4VTransformer"],
+        "vae": ["m4v", "VideoVAE"],
+        "scheduler": ["m4v", "PyramidFlowMatchScheduler"],
+        "text_encoder": text_encoder_spec,
+        "default_size": list(default_size),
+        "default_frames": default_frames,
+        "default_guidance": list(default_guidance),
+    }
+    with open(os.path.join(folder, MODEL_INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+
+
 class M4VPipeline(DiffusionPipeline):
     """Text-to-video and image-to-video generation with an M4V transformer (diffusers DiffusionPipeline)."""
 
@@ -98,19 +118,8 @@ class M4VPipeline(DiffusionPipeline):
         self.transformer.save_pretrained(os.path.join(save_directory, "transformer"))
         self.vae.save_pretrained(os.path.join(save_directory, "vae"))
         self.scheduler.save_pretrained(os.path.join(save_directory, "scheduler"))
-        index = {
-            "_class_name": type(self).__name__,
-            "_diffusers_version": __import__("diffusers").__version__,
-            "transformer": ["m4v", "M4VTransformer"],
-            "vae": ["m4v", "VideoVAE"],
-            "scheduler": ["m4v", "PyramidFlowMatchScheduler"],
-            "text_encoder": text_encoder_spec,
-            "default_size": list(self.default_size),
-            "default_frames": self.default_frames,
-            "default_guidance": list(self.default_guidance),
-        }
-        with open(os.path.join(save_directory, MODEL_INDEX), "w") as f:
-            json.dump(index, f, indent=2)
+        write_model_index(save_directory, text_encoder_spec, self.default_size, self.default_frames,
+                          self.default_guidance)  # fmt: skip
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

@@ -128,9 +128,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint in place (collective); returns its meta."""
     path = Path(path)
-    if not (path / META).is_file():
-        raise ValueError(f"checkpoint: {path} is not a complete checkpoint (no {META}).")
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     state = _state(model, optimizer, ema)
     _keep_saved_optim_state(state, path)
     ctx = _quiet()
@@ -149,9 +147,64 @@ def load_checkpoint(
     return meta
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of checkpoint folder ``path``; ValueError naming the file when it is missing or damaged."""
+    file = Path(path) / META
+    if not file.is_file():
+        raise ValueError(f"checkpoint: {path} is not a complete checkpoint (no {META}).")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint: {file} is damaged (not readable JSON: {e}).") from e
+    if not isinstance(meta, dict) or isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"checkpoint: {file} has no step count; it was not written by m4v train or train-vae.")
+    return meta
+
+
+def resume_checkpoint(
+    resume: str, output_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ema: EMA | None,
+    info: DistInfo,
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load what ``checkpoint.resume`` names into the model, optimizer and EMA (collective): (folder, meta), or None.
+
+    A checkpoint that cannot be read, or does not fit the model, raises ValueError with one line saying which and
+    what to do (an earlier complete checkpoint of the run, when there is one, or ``--resume none``).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ckpt = resolve_resume(resume, output_dir)
+    if ckpt is None:
+        return None
+    meta = read_meta(ckpt)
+    try:
+        return ckpt, load_checkpoint(ckpt, model, optimizer, ema, info)
+    except (RuntimeError, KeyError, EOFError, OSError, CheckpointException) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = (lines or [type(e).__name__])[-1][:200]
+        damaged = any(word in str(e) for word in ("EOFError", "UnpicklingError", "unpickl", "truncated", "corrupt"))
+        damaged = damaged or isinstance(e, EOFError | OSError)
+        earlier = [c for c in list_checkpoints(ckpt.parent.parent) if c != ckpt and c.name < ckpt.name]
+        if damaged:
+            hint = f"--resume {earlier[-1]} (the one before it)" if earlier else "--resume none to start over"
+            raise ValueError(f"checkpoint: {ckpt} (step {meta['step']}) is damaged ({detail}); use {hint}.") from e
+        raise ValueError(
+            f"checkpoint: {ckpt} does not fit this model ({detail}); use --resume none with another output_dir."
+        ) from e
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """``auto``: the latest complete checkpoint of the run if any; ``none``: start fresh; else a path."""
+    """``auto``: the latest complete checkpoint of the run if any; ``none``: start fresh; else a path.
+
+    ``none`` in an output_dir that already holds checkpoints is refused: the new run's checkpoints would be pruned
+    against the old run's higher step numbers, and a later ``auto`` would resume the old run.
+    """
     if resume in ("none", "", None):
+        found = latest_checkpoint(output_dir)
+        if found is not None:
+            raise ValueError(
+                f"checkpoint.resume: none, but {output_dir} already holds checkpoints of another run (latest "
+                f"{found.name}); give a new --output-dir, or delete {Path(output_dir) / 'checkpoints'} first."
+            )
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)

@@ -15,6 +15,13 @@ Several hosts:    torchrun --nnodes M --nproc_per_node N --rdzv-backend c10d \\
 Resumes from the latest checkpoint of output_dir unless --resume none. See docs/training.md."""
 
 
+def quiet_libraries() -> None:
+    """diffusers / transformers warnings off (e.g. "pip install accelerate"): the commands print their own lines."""
+    from m4v.generate_cli import quiet_libraries as quiet
+
+    quiet()
+
+
 def _overrides(items: list[str] | None) -> dict[str, Any]:
     from m4v.training.config import parse_override
 
@@ -44,12 +51,24 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return ov
 
 
+def _report(trainer: Any, total: int) -> None:
+    """The run's last line: where the weights are, or where it stopped and how to go on."""
+    if not trainer.info.is_main:
+        return
+    if trainer.exported is not None:
+        print(f"step {trainer.step} of {total}: weights in {trainer.exported}")
+    elif trainer.step < total:
+        print(f"stopped at step {trainer.step} of {total}; the same command resumes from {trainer.out}/checkpoints")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from m4v.training.config import load_config
     from m4v.training.trainer import run_training
 
     cfg = load_config(args.config, _common_overrides(args))
+    quiet_libraries()
     trainer = run_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
+    _report(trainer, cfg.total_steps)
     return 128 + trainer.stopped_by if trainer.stopped_by else 0  # stopped by a signal, after saving
 
 
@@ -57,15 +76,19 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     from m4v.training.vae_training import load_vae_config, run_vae_training
 
     cfg = load_vae_config(args.config, _common_overrides(args))
+    quiet_libraries()
     trainer = run_vae_training(cfg, stop_at=args.stop_at, time_limit=args.time_limit)
+    _report(trainer, cfg.total_steps)
     return 128 + trainer.stopped_by if trainer.stopped_by else 0  # stopped by a signal, after saving
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from m4v.io.paths import check_output_folder
     from m4v.training.components import load_vae
     from m4v.training.config import DataConfig, TrainConfig, from_dict, load_config
     from m4v.training.distributed import cleanup, init_distributed
     from m4v.training.shards import prepare
+    from m4v.training.stop import sigterm_as_interrupt
     from m4v.training.text import load_text_encoder_spec
 
     cfg: TrainConfig | None = load_config(args.config, _overrides(args.set)) if args.config else None
@@ -83,19 +106,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     vae_spec = args.vae or (cfg.vae if cfg is not None else "tiny")
     text_spec = args.text_encoder or (cfg.text_encoder if cfg is not None else "minilm")
     if isinstance(text_spec, str) and text_spec.startswith("{"):
-        text_spec = json.loads(text_spec)
+        try:
+            text_spec = json.loads(text_spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--text-encoder: {text_spec!r} is not valid JSON ({e.msg}).") from e
     seed = cfg.seed if cfg is not None else 0
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers: must be >= 0, got {args.num_workers}.")
+    for h, w, f in geometries:
+        if h < 8 or w < 8 or h % 8 or w % 8:
+            raise ValueError(f"--height/--width: must be positive multiples of 8 (the VAE's), got {h}x{w}.")
+        if f < 1:
+            raise ValueError(f"--num-frames: must be >= 1, got {f}.")
+    if args.device is not None:
+        from m4v.generate_cli import resolve_device
+
+        resolve_device(args.device)
+    check_output_folder(args.out, "--out")
+    quiet_libraries()
     info = init_distributed(args.device)
     try:
         vae = load_vae(vae_spec, seed).to(info.device)
         text = load_text_encoder_spec(text_spec).to(info.device)
-        totals = prepare(
-            args.data, data, args.out, geometries, vae, text, {"vae": vae_spec, "text_encoder": text_spec},
-            batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, seed=seed,
-            num_workers=data.num_workers if args.num_workers is None else args.num_workers,
-        )
+        with sigterm_as_interrupt():  # a killed prepare removes what it wrote, as on Ctrl-C
+            totals = prepare(
+                args.data, data, args.out, geometries, vae, text, {"vae": vae_spec, "text_encoder": text_spec},
+                batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, seed=seed,
+                num_workers=data.num_workers if args.num_workers is None else args.num_workers,
+            )
         if info.is_main:
             for name, t in totals.items():
                 skipped = sum(t["skipped"].values())
@@ -116,6 +154,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         return cli_convert_from_wan(args)
 
+    quiet_libraries()
     report = convert_checkpoint(
         args.from_attention, args.output, args.layout, args.swap_qk, args.seed, _overrides(args.set),
         fold_qk_norm=not args.no_fold_qk_norm,

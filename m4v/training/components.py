@@ -25,6 +25,42 @@ def _config_class(folder: str) -> str | None:
         return None
 
 
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
+KINDS = {"M4VTransformer": "an M4V transformer", "M4VWanTransformer": "an M4V (Wan) transformer",
+         "AutoencoderKLLTXVideo": "a VAE", "AutoencoderKLWan": "a Wan VAE"}
+
+
+def load_pretrained(cls: Any, folder: str, option: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(folder)`` (local files only) with one-line ValueErrors naming ``option``: no folder,
+    a folder of another class (say a VAE given as the transformer), no weights file, or unreadable weights."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option}: {folder} is not a folder.")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{option}: {folder} is not a save_pretrained folder (no config.json).")
+    found = _config_class(folder)
+    if found is not None and found != cls.__name__:
+        want = KINDS.get(cls.__name__, cls.__name__)
+        raise ValueError(f"{option}: {folder} holds {KINDS.get(found, found)} ({found}), not {want}.")
+    if not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHT_FILES):
+        raise ValueError(f"{option}: {folder} has a config.json but no weights ({WEIGHT_FILES[0]}).")
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, RuntimeError) as e:
+        first = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[0][:200]
+        raise ValueError(f"{option}: cannot load the weights in {folder} ({first}).") from e
+
+
+def check_overrides(cls: Any, overrides: dict[str, Any], option: str) -> None:
+    """Every key of ``overrides`` must be an argument of ``cls``'s constructor (ValueError naming the first one)."""
+    import inspect
+
+    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+    for key in overrides:
+        if key not in allowed:
+            raise ValueError(f"{option}: unknown key {key!r}; {cls.__name__} takes {', '.join(allowed)}.")
+
+
 def wan_transformer_folder(path: str) -> str:
     """The M4VWanTransformer folder of ``path``: the folder itself or ``path/transformer`` (m4v convert --from-wan)."""
     for folder in (path, os.path.join(path, "transformer")):
@@ -46,10 +82,11 @@ def build_wan_transformer(cfg: ModelConfig, seed: int) -> Any:
     from m4v.models import M4VWanTransformer, wan_named_config
 
     if cfg.pretrained:
-        model = M4VWanTransformer.from_pretrained(wan_transformer_folder(cfg.pretrained), local_files_only=True)
+        model = load_pretrained(M4VWanTransformer, wan_transformer_folder(cfg.pretrained), "model.pretrained")
         if cfg.overrides:
             logger.warning("model.overrides are ignored when model.pretrained is set.")
         return model.float()
+    check_overrides(M4VWanTransformer, cfg.overrides, "model.overrides")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init") % (1 << 63))
         return M4VWanTransformer(**wan_named_config(cfg.config, **cfg.overrides))
@@ -62,14 +99,13 @@ def build_transformer(cfg: ModelConfig, seed: int) -> Any:
     if cfg.family == "wan":
         return build_wan_transformer(cfg, seed)
     if cfg.pretrained:
-        if not os.path.isfile(os.path.join(cfg.pretrained, "config.json")):
-            raise ValueError(f"model.pretrained: {cfg.pretrained} is not a save_pretrained folder (no config.json).")
         if _config_class(cfg.pretrained) == WAN_CLASS:
             raise ValueError(f"model.pretrained: {cfg.pretrained} holds an {WAN_CLASS}; set model.family: wan.")
-        model = M4VTransformer.from_pretrained(cfg.pretrained, local_files_only=True)
+        model = load_pretrained(M4VTransformer, cfg.pretrained, "model.pretrained")
         if cfg.overrides:
             logger.warning("model.overrides are ignored when model.pretrained is set.")
         return model.float()
+    check_overrides(M4VTransformer, cfg.overrides, "model.overrides")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init") % (1 << 63))
         return M4VTransformer(**named_config(cfg.config, **cfg.overrides))
@@ -95,7 +131,9 @@ def load_vae(spec: str, seed: int = 0) -> Any:
         raise ValueError(
             f"vae: {spec!r} is neither a named VAE config ({', '.join(VAE_CONFIGS)}, wan-tiny) nor a folder."
         )
-    return VideoVAE.from_pretrained(spec)
+    from diffusers import AutoencoderKLLTXVideo
+
+    return VideoVAE(load_pretrained(AutoencoderKLLTXVideo, spec, "vae"))
 
 
 def load_family_text_encoder(spec: Any, family: str = "pyramidflow") -> Any:

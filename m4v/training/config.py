@@ -8,6 +8,7 @@ Numbers written like ``1e-4`` (a string to YAML 1.1) are accepted for float fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import yaml
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "cosine")
 CORRUPTIONS = ("linear", "constant", "none")
-# Latent grid divisibility: 8x VAE, 2 pyramid halvings, patch 2 => pixels divisible by 8 * 4 * 2.
+# Latent grid divisibility: 8x VAE, 2 pyramid halvings, patch 2 => pixels divisible by 8 * 4 * 2 (32 at patch 1).
 PIXEL_MULTIPLE = 64
 FAMILIES = ("pyramidflow", "wan")
 # M4V (Wan2.1), Sec. 4.1: Wan's VAE (8x space, 4x time) and patch 2, no pyramid => pixels divisible by 16.
@@ -257,16 +258,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: must be an integer, got {value!r}.")
         return value
     if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: must be a number, got {value!r}.")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{where}: must be a number, got {value!r}.")
+        if number is None:
+            raise ValueError(f"{where}: must be a number, got {value!r}.")
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: must be a finite number, got {value!r}.")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{where}: must be a string, got {value!r}.")
@@ -284,7 +288,8 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(fields)}.")
+        place = f"{where}: unknown key" if where else "unknown top-level key"
+        raise ValueError(f"{place} {unknown[0]!r}; allowed keys are {', '.join(fields)}.")
     kwargs = {}
     for name, f in fields.items():
         sub = f"{where}.{name}" if where else name
@@ -301,15 +306,35 @@ def _positive(value: float, where: str) -> None:
         raise ValueError(f"{where}: must be positive, got {value}.")
 
 
-def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None, family: str = "pyramidflow") -> None:
-    """Check one stage; pixel sizes must be multiples of 64 (8x VAE, two pyramid halvings, patch 2).
+def model_patch_size(model: ModelConfig) -> int:
+    """The transformer's spatial patch size: from ``model.pretrained``'s config.json, else the named config with
+    its overrides; 2 (the named configs') when neither can be read (the loaders report those errors)."""
+    import json
+
+    try:
+        if model.pretrained:
+            with open(Path(model.pretrained) / "config.json") as f:
+                patch = json.load(f).get("patch_size", 2)
+        else:
+            from m4v.models.configs import named_config
+
+            patch = named_config(model.config, **model.overrides).get("patch_size", 2)
+        return int(patch[-1] if isinstance(patch, list | tuple) else patch)
+    except (OSError, ValueError, TypeError):
+        return 2
+
+
+def validate_stage(
+    s: StageConfig, where: str, reward: RewardConfig | None, family: str = "pyramidflow", patch: int = 2
+) -> None:
+    """Check one stage; pixel sizes must be multiples of 32 x ``patch`` (8x VAE, two pyramid halvings, patch).
 
     For the wan family (Sec. 4.1): multiples of 16 (8x VAE, patch 2), 1 + 4k frames, no frame window.
     """
     _positive(s.steps, f"{where}.steps")
     wan = family == "wan"
-    multiple = WAN_PIXEL_MULTIPLE if wan else PIXEL_MULTIPLE
-    why = "8x Wan VAE and patch 2" if wan else "8x VAE, two pyramid halvings and patch 2"
+    multiple = WAN_PIXEL_MULTIPLE if wan else PIXEL_MULTIPLE // 2 * patch
+    why = "8x Wan VAE and patch 2" if wan else f"8x VAE, two pyramid halvings, patch {patch}"
     for name in ("height", "width"):
         v = getattr(s, name)
         if v < multiple or v % multiple:
@@ -332,8 +357,8 @@ def validate_stage(s: StageConfig, where: str, reward: RewardConfig | None, fami
     _positive(s.batch_size, f"{where}.batch_size")
     if s.image_batch_size is not None:
         _positive(s.image_batch_size, f"{where}.image_batch_size")
-    if s.lr is not None and s.lr < 0:
-        raise ValueError(f"{where}.lr: must be >= 0, got {s.lr}.")
+    if s.lr is not None and s.lr <= 0:
+        raise ValueError(f"{where}.lr: must be positive (a learning rate of 0 trains nothing), got {s.lr}.")
     if s.warmup_steps is not None and s.warmup_steps < 0:
         raise ValueError(f"{where}.warmup_steps: must be >= 0, got {s.warmup_steps}.")
     if s.frame_window is not None and s.frame_window < 1:
@@ -409,13 +434,42 @@ def _check_wan_folder_frames(cfg: TrainConfig) -> None:
             )
 
 
+def validate_loop(cfg: Any) -> None:
+    """Checks shared by ``m4v train`` and ``m4v train-vae``: optimizer, EMA, precision, checkpoints, logging, data."""
+    p = cfg.optim
+    if p.lr <= 0:
+        raise ValueError(f"optim.lr: must be positive (a learning rate of 0 trains nothing), got {p.lr}.")
+    if len(p.betas) != 2 or not all(0.0 <= b < 1.0 for b in p.betas):
+        raise ValueError(f"optim.betas: must be two numbers in [0, 1), got {p.betas}.")
+    if p.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule: must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}.")
+    if p.grad_clip < 0 or p.weight_decay < 0 or p.warmup_steps < 0:
+        raise ValueError("optim.grad_clip, optim.weight_decay and optim.warmup_steps must be >= 0.")
+    if not 0.0 <= p.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {p.min_lr_ratio}.")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ValueError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}.")
+    if cfg.ema.start_step < 0:
+        raise ValueError(f"ema.start_step: must be >= 0, got {cfg.ema.start_step}.")
+    if cfg.train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}.")
+    _positive(cfg.train.grad_accum, "train.grad_accum")
+    _positive(cfg.checkpoint.every, "checkpoint.every")
+    _positive(cfg.logging.every, "logging.every")
+    if cfg.checkpoint.keep < 1:
+        raise ValueError(f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}.")
+    if cfg.data.num_workers < 0:
+        raise ValueError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}.")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; returns ``cfg``."""
     if not cfg.stages:
         raise ValueError("stages: give at least one training stage.")
     validate_family(cfg)
+    patch = model_patch_size(cfg.model) if cfg.model.family != "wan" else 2
     for i, s in enumerate(cfg.stages):
-        validate_stage(s, f"stages[{i}]", cfg.reward, cfg.model.family)
+        validate_stage(s, f"stages[{i}]", cfg.reward, cfg.model.family, patch)
     if cfg.model.family == "wan":
         _check_wan_folder_frames(cfg)
     o = cfg.objective
@@ -429,28 +483,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"objective.corruption_eta: must be in [0, 1], got {o.corruption_eta}.")
     if not 0.0 <= o.text_dropout <= 1.0:
         raise ValueError(f"objective.text_dropout: must be in [0, 1], got {o.text_dropout}.")
-    p = cfg.optim
-    if p.lr < 0:
-        raise ValueError(f"optim.lr: must be >= 0, got {p.lr}.")
-    if len(p.betas) != 2 or not all(0.0 <= b < 1.0 for b in p.betas):
-        raise ValueError(f"optim.betas: must be two numbers in [0, 1), got {p.betas}.")
-    if p.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule: must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}.")
-    if p.grad_clip < 0 or p.weight_decay < 0 or p.warmup_steps < 0:
-        raise ValueError("optim.grad_clip, optim.weight_decay and optim.warmup_steps must be >= 0.")
-    if not 0.0 <= p.min_lr_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {p.min_lr_ratio}.")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ValueError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}.")
-    if cfg.train.precision not in PRECISIONS:
-        raise ValueError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}.")
-    _positive(cfg.train.grad_accum, "train.grad_accum")
-    _positive(cfg.checkpoint.every, "checkpoint.every")
-    _positive(cfg.logging.every, "logging.every")
-    if cfg.checkpoint.keep < 1:
-        raise ValueError(f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}.")
-    if cfg.data.num_workers < 0:
-        raise ValueError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}.")
+    validate_loop(cfg)
     if cfg.reward is not None:
         r = cfg.reward
         if r.clip_dir is None and r.aesthetic_dir is None:
@@ -472,10 +505,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--config: {path} is a folder; give a YAML file.")
     if not path.is_file():
         raise ValueError(f"--config: file {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"--config: {path} is not valid YAML{where}: {problem}.") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config: {path} is not a UTF-8 text file.") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a YAML mapping at the top level.")
     return data
@@ -484,16 +527,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """``set_dotted(d, "optim.lr", 1e-5)``; list items as ``stages.0.lr``."""
     parts = key.split(".")
+    if not all(parts):
+        raise ValueError(f"--set: {key!r} is not a dotted key such as optim.lr or stages.0.steps.")
     cur: Any = data
-    for p in parts[:-1]:
+    for depth, p in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
         if isinstance(cur, list):
-            cur = cur[int(p)]
+            if not p.isdigit() or int(p) >= len(cur):
+                raise ValueError(f"--set {key}: {here} is not an item of a list of {len(cur)} (0 to {len(cur) - 1}).")
+            if last:
+                cur[int(p)] = value
+            else:
+                cur = cur[int(p)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[p] = value
+            else:
+                if cur.get(p) is None:  # absent, or null in the YAML (e.g. "reward:" with nothing under it)
+                    cur[p] = {}
+                cur = cur[p]
         else:
-            cur = cur.setdefault(p, {})
-    if isinstance(cur, list):
-        cur[int(parts[-1])] = value
-    else:
-        cur[parts[-1]] = value
+            parent = ".".join(parts[:depth])
+            raise ValueError(f"--set {key}: {parent} is a single value ({cur!r}), not a section with keys.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -501,4 +557,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"--set: expected KEY=VALUE, got {text!r}.")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key.strip()}: the value {raw!r} is not valid YAML.") from e

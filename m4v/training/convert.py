@@ -123,10 +123,16 @@ def convert_attention_model(
         raise ValueError(
             f"--from-attention: the checkpoint has layout {src_cfg['layout']!r}; give a full_attn checkpoint."
         )
+    from m4v.training.components import check_overrides
+
+    check_overrides(M4VTransformer, overrides or {}, "--set")
     cfg = dict(src_cfg, layout=layout, **(overrides or {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        target = M4VTransformer(**cfg)
+        try:
+            target = M4VTransformer(**cfg)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--set: the target config {overrides or {}} is not valid ({e}).") from e
     H = int(cfg["num_heads"])
     report = ConversionReport()
     src_sd, dst_sd = source.state_dict(), target.state_dict()
@@ -177,11 +183,16 @@ def convert_checkpoint(
     """``m4v convert``: load a save_pretrained full_attn folder, convert, save_pretrained to ``output_dir``."""
     import os
 
+    from m4v.io.paths import check_output_folder
     from m4v.models import M4VTransformer
+    from m4v.training.components import load_pretrained
 
-    if not os.path.isfile(os.path.join(source_dir, "config.json")):
-        raise ValueError(f"--from-attention: {source_dir} is not a save_pretrained folder (no config.json).")
-    source = M4VTransformer.from_pretrained(source_dir, local_files_only=True).float()
+    check_output_folder(output_dir, "--output")
+    if os.path.abspath(output_dir) == os.path.abspath(source_dir):
+        raise ValueError("--output: is the --from-attention folder itself; give another folder.")
+    source = load_pretrained(M4VTransformer, source_dir, "--from-attention").float()
     target, report = convert_attention_model(source, layout, swap_qk, seed, overrides, fold_qk_norm)
-    target.save_pretrained(output_dir)
+    target.save_pretrained(output_dir, safe_serialization=True)
+    if not os.path.isfile(os.path.join(output_dir, "diffusion_pytorch_model.safetensors")):
+        raise ValueError(f"--output: nothing was written to {output_dir}.")
     return report

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,6 +125,7 @@ def prepare_geometry(
     world: int = 1,
     progress: bool = True,
     num_workers: int = 0,
+    ds: Any = None,
 ) -> dict[str, Any]:
     """Encode one geometry; writes this rank's shards and ``items-r{rank}.json``; returns its summary.
 
@@ -132,7 +134,7 @@ def prepare_geometry(
     """
     folder = out / geometry_name(height, width, num_frames)
     folder.mkdir(parents=True, exist_ok=True)
-    ds = _dataset(source, data, height, width, num_frames)
+    ds = _dataset(source, data, height, width, num_frames) if ds is None else ds
     skipped: Counter[str] = Counter(getattr(ds, "skipped", {})) if rank == 0 else Counter()
     writer = _ShardWriter(folder, rank, shard_size, DTYPES[dtype])
     groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
@@ -222,25 +224,59 @@ def prepare(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(out)
+    top_path = out / "index.json"
+    if top_path.is_file():  # adding geometries to an earlier prepare: same encoders, or the shards would mix them
+        try:
+            earlier = json.loads(top_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--out: {top_path} is damaged ({e}); give a new folder.") from e
+        for key, spec in specs.items():
+            if key in earlier and earlier[key] != spec:
+                raise ValueError(
+                    f"--out: {out} was prepared with {key} {earlier[key]!r}, not {spec!r}; shards of two encoders "
+                    "cannot be mixed. Give a new --out folder."
+                )
+    # every geometry's data set is opened (source and sizes checked) before anything is written
+    datasets = {(h, w, f): _dataset(source, data, h, w, f) for h, w, f in geometries}
+    created = [p for p in (out, *(out / geometry_name(*g) for g in geometries)) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     totals: dict[str, Any] = {}
-    for h, w, f in geometries:
-        prepare_geometry(
-            source, data, out, h, w, f, vae, text_encoder, batch_size, shard_size, dtype, seed, rank, world, progress,
-            num_workers,
-        )
-        if distributed:
-            dist.barrier()
-        if rank == 0:
-            idx = merge_geometry(out / geometry_name(h, w, f), world, h, w, f, dtype)
-            totals[geometry_name(h, w, f)] = {"items": len(idx["items"]), "skipped": idx["skipped"]}
+    empty: dict[str, dict[str, int]] = {}
+    try:
+        for h, w, f in geometries:
+            prepare_geometry(
+                source, data, out, h, w, f, vae, text_encoder, batch_size, shard_size, dtype, seed, rank, world,
+                progress, num_workers, ds=datasets[(h, w, f)],
+            )
+            if distributed:
+                dist.barrier()
+            if rank == 0:
+                name = geometry_name(h, w, f)
+                idx = merge_geometry(out / name, world, h, w, f, dtype)
+                if idx["items"]:
+                    totals[name] = {"items": len(idx["items"]), "skipped": idx["skipped"]}
+                else:  # nothing usable: no folder that training would take for data
+                    shutil.rmtree(out / name, ignore_errors=True)
+                    empty[name] = idx["skipped"]
+        if distributed:  # every rank learns whether anything was usable, so that all of them stop alike
+            shared = [totals]
+            dist.broadcast_object_list(shared, src=0)
+            totals = shared[0]
+        if not totals:
+            raise ValueError(f"--data: {source} gave no usable item for {', '.join(empty)} (skipped: {empty}).")
+    except BaseException:
+        if rank == 0:  # interrupted or failed: remove what this call created, leave earlier geometries alone
+            for p in reversed(created):
+                shutil.rmtree(p, ignore_errors=True)
+        raise
+    for name, skips in empty.items():
+        logger.warning("prepare: %s has no usable item (skipped: %s); it is left out of %s", name, skips, top_path)
     if rank == 0:
         null = encode_null(text_encoder)
         save_file(
             {"token_states": null.token_states[0].float().cpu().contiguous(), "pooled": null.pooled[0].float().cpu()},
             str(out / "null_text.safetensors"),
         )
-        top_path = out / "index.json"
         top = json.loads(top_path.read_text()) if top_path.is_file() else {"geometries": {}}
         top.update(format=SHARD_FORMAT, version=1, null_text="null_text.safetensors", **specs)
         top["geometries"].update(totals)

@@ -9,10 +9,13 @@ number. A second Ctrl-C interrupts at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -24,6 +27,39 @@ from m4v.training.distributed import DistInfo
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so that cleanup code (``m4v prepare`` removing what it
+    half wrote) runs as on Ctrl-C instead of the process ending at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_finite_loss(loss: float, step: int, lr: float, out: Any) -> None:
+    """Stop a diverged run: a NaN or infinite loss raises ValueError (``m4v train`` exits 2 with its one line).
+
+    Nothing is written for the diverged step: no checkpoint, no ``final/`` export, so the run's last checkpoint is
+    the last good state. Checked on the loss every step already brings to the host (no extra sync).
+    """
+    if math.isfinite(loss):
+        return
+    raise ValueError(
+        f"training diverged: the loss is {loss} at step {step + 1} (learning rate {lr:.3g}); nothing was saved "
+        f"for it (the last checkpoint in {out}/checkpoints is the last good state). Lower optim.lr or set "
+        "optim.grad_clip > 0, then resume."
+    )
 
 
 class GracefulStop:

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
+from m4v.io.paths import check_output_folder
 from m4v.models.text_encoders import TextEmbeddings
 from m4v.schedulers import PyramidFlowMatchScheduler
-from m4v.training.checkpoint import checkpoint_path, load_checkpoint, resolve_resume, save_checkpoint
+from m4v.training.checkpoint import checkpoint_path, resolve_resume, resume_checkpoint, save_checkpoint
 from m4v.training.components import build_transformer, load_family_text_encoder, load_vae
 from m4v.training.config import TrainConfig
 from m4v.training.data import Planner, ShardIndex, SourceSet, StepPlan, StepStream, is_shard_folder, make_loader
@@ -40,7 +41,7 @@ from m4v.training.metrics import MetricsWriter, RunningMean
 from m4v.training.objective import PyramidFlowObjective, token_count
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import generator
-from m4v.training.stop import GracefulStop, report_stop, should_stop
+from m4v.training.stop import GracefulStop, check_finite_loss, report_stop, should_stop
 from m4v.training.text import encode_null, stack_text, text_to
 from m4v.training.wan_objective import WanFlowObjective, wan_token_count
 
@@ -77,7 +78,8 @@ class Trainer:
         self.cfg = cfg
         self.info = info or init_distributed()
         self.device = self.info.device
-        self.out = Path(cfg.output_dir)
+        self.out = check_output_folder(cfg.output_dir, "output_dir")
+        resolve_resume(cfg.checkpoint.resume, self.out)  # a resume that cannot work fails before any building
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
         self.accum = cfg.train.grad_accum
 
@@ -146,21 +148,13 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.stopped_by: int | None = None  # signal that ended the last train() early
+        self.exported: Path | None = None  # the final/ folder the last train() wrote
         self._resumed_skips: Counter[str] = Counter()
         self._lazy_by_worker: dict[int, Counter[str]] = {}
         self._eval_stream: StepStream | None = None
-        ckpt = resolve_resume(cfg.checkpoint.resume, self.out)
-        if ckpt is not None:
-            from torch.distributed.checkpoint.api import CheckpointException
-
-            try:
-                meta = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, self.info)
-            except (RuntimeError, KeyError, CheckpointException) as e:
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                raise ValueError(
-                    f"checkpoint: {ckpt} does not fit this model ({(lines or ['?'])[-1][:200]}); "
-                    "use --resume none or another output_dir."
-                ) from e
+        resumed = resume_checkpoint(cfg.checkpoint.resume, self.out, self.model, self.optimizer, self.ema, self.info)
+        if resumed is not None:
+            ckpt, meta = resumed
             if meta.get("config", {}).get("stages") != cfg.to_dict()["stages"] and self.info.is_main:
                 logger.warning("checkpoint: the stage schedule differs from the one the checkpoint was written with.")
             self.step = int(meta["step"])
@@ -367,7 +361,10 @@ class Trainer:
         deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
         timed_out = False
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+        self.exported = None
         if self.step >= end:
+            if info.is_main:
+                logger.info("nothing to train: %s is at step %d, the stop is at step %d", self.out, self.step, end)
             return self.history
         stream = StepStream(cfg, self.planner, info.rank, info.world, self.step * self.accum, end * self.accum)
         loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, self.device.type == "cuda")
@@ -401,6 +398,7 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.model, plan.step)
                     record = self._record(plan, plans, micro_results, grad_norm, time.perf_counter() - t0)
+                    check_finite_loss(record["loss"], plan.step, record["lr"], self.out)
                     t0 = time.perf_counter()
                     micro_results, plans = [], []
                     self.step = plan.step + 1
@@ -430,7 +428,7 @@ class Trainer:
             if timed_out and info.is_main:
                 report_stop(stop, time_limit, self.step, end)
             if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
-                self.export(self.out / "final")  # still under the guard: a second SIGTERM waits for the export
+                self.exported = self.export(self.out / "final")  # under the guard: a second SIGTERM waits for it
         return self.history
 
     def _record(
@@ -516,8 +514,36 @@ class Trainer:
                 save_pretrained_state(self.model, {**full, **ema}, folder / "transformer_ema")
             if self.wan and self.vae is not None:
                 self._export_wan_pipeline(folder)
+            elif not self.wan:
+                self._export_pipeline(folder)
         barrier(self.info)
         return folder
+
+    def _export_pipeline(self, folder: Path) -> None:
+        """Make ``folder`` an M4VPipeline directory (``m4v generate --model folder``): vae/, scheduler/ and
+        model_index.json beside transformer/ (the trained weights; transformer_ema/ holds the EMA ones). The VAE
+        and text encoder are the ones the latents were made with: the shards' for prepared data, else the config's.
+        """
+        from m4v.pipelines.pipeline_m4v import write_model_index
+
+        specs = {"vae": self.cfg.vae, "text_encoder": self.cfg.text_encoder}
+        if self.latent_data:
+            meta = ShardIndex(self.cfg.data.source).meta
+            specs = {k: meta.get(k, v) for k, v in specs.items()}
+        text_spec = pipeline_text_encoder_spec(specs["text_encoder"])
+        if text_spec is None:
+            logger.warning("export: the text encoder %r cannot be named in model_index.json; %s holds transformer/ "
+                           "weights only.", specs["text_encoder"], folder)
+            return
+        vae = self.vae if self.vae is not None else load_vae(specs["vae"], self.cfg.seed)
+        if next(vae.parameters()).dtype != torch.float32:  # cast for autocast training: store the float32 weights
+            import copy
+
+            vae = copy.deepcopy(vae).float()
+        vae.save_pretrained(folder / "vae")
+        PyramidFlowMatchScheduler(**self.cfg.objective.scheduler).save_pretrained(folder / "scheduler")
+        last = self.cfg.stages[-1]
+        write_model_index(folder, text_spec, (last.height, last.width), last.num_frames)
 
     def _export_wan_pipeline(self, folder: Path) -> None:
         """Make ``folder`` an M4VWanPipeline directory: vae/, scheduler/ and model_index.json beside transformer/."""
@@ -552,6 +578,16 @@ def shard_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module], info: Di
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+
+def pipeline_text_encoder_spec(spec: Any) -> Any:
+    """The model_index.json text-encoder entry of an M4VPipeline for the config's ``text_encoder``, folders made
+    absolute; None for the test stand-in ("hash"), which no pipeline can load."""
+    if spec == "minilm":
+        return "minilm"
+    if isinstance(spec, dict) and "hash" not in spec:
+        return {k: (v if k == "max_length" else os.path.abspath(v)) for k, v in spec.items()}
+    return None
 
 
 def wan_text_encoder_spec(spec: Any, encoder: Any) -> Any:

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from m4v.training.checkpoint import checkpoint_path, load_checkpoint, resolve_resume, save_checkpoint
+from m4v.io.paths import check_output_folder
+from m4v.training.checkpoint import checkpoint_path, resolve_resume, resume_checkpoint, save_checkpoint
 from m4v.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -36,6 +37,7 @@ from m4v.training.config import (
     from_dict,
     read_yaml,
     set_dotted,
+    validate_loop,
     validate_stage,
 )
 from m4v.training.data import Planner, SourceSet, StepStream, is_shard_folder, make_loader
@@ -44,7 +46,7 @@ from m4v.training.ema import EMA
 from m4v.training.metrics import MetricsWriter
 from m4v.training.optim import build_optimizer, learning_rate, no_decay_names, set_lr
 from m4v.training.seeding import derive_seed, generator
-from m4v.training.stop import GracefulStop, report_stop, should_stop
+from m4v.training.stop import GracefulStop, check_finite_loss, report_stop, should_stop
 from m4v.training.trainer import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,9 @@ class VAETrainConfig(StageSchedule):
             raise ValueError(f"loss.reconstruction: must be l1 or mse, got {self.loss.reconstruction!r}.")
         if self.loss.kl_weight < 0:
             raise ValueError(f"loss.kl_weight: must be >= 0, got {self.loss.kl_weight}.")
+        if self.loss.norm_samples < 1:
+            raise ValueError(f"loss.norm_samples: must be >= 1, got {self.loss.norm_samples}.")
+        validate_loop(self)
         if self.vae.freeze_encoder and not self.vae.pretrained:
             raise ValueError("vae.freeze_encoder: needs vae.pretrained (the VAE whose decoder is fine-tuned).")
         if is_shard_folder(self.data.source):
@@ -108,6 +113,8 @@ def load_vae_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     data.pop("reward", None)
+    if "model" in data:
+        raise ValueError(f"--config: {path} has a 'model' section: it is an 'm4v train' config, not a VAE one.")
     return from_dict(VAETrainConfig, data, "")
 
 
@@ -115,11 +122,13 @@ def build_autoencoder(cfg: VAEModelConfig, seed: int) -> Any:
     from diffusers import AutoencoderKLLTXVideo
 
     from m4v.models.vae import VAE_CONFIGS
+    from m4v.training.components import check_overrides, load_pretrained
 
     if cfg.pretrained:
-        return AutoencoderKLLTXVideo.from_pretrained(cfg.pretrained, local_files_only=True).float()
+        return load_pretrained(AutoencoderKLLTXVideo, cfg.pretrained, "vae.pretrained").float()
     if cfg.config not in VAE_CONFIGS:
         raise ValueError(f"vae.config: unknown VAE config {cfg.config!r}; choose one of {', '.join(VAE_CONFIGS)}.")
+    check_overrides(AutoencoderKLLTXVideo, cfg.overrides, "vae.overrides")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "vae-train-init") % (1 << 63))
         return AutoencoderKLLTXVideo(**{**VAE_CONFIGS[cfg.config], **cfg.overrides})
@@ -147,7 +156,8 @@ class VAETrainer:
     def __init__(self, cfg: VAETrainConfig, info: DistInfo | None = None) -> None:
         self.cfg, self.info = cfg, info or init_distributed()
         self.device = self.info.device
-        self.out = Path(cfg.output_dir)
+        self.out = check_output_folder(cfg.output_dir, "output_dir")
+        resolve_resume(cfg.checkpoint.resume, self.out)  # a resume that cannot work fails before any building
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
         self.sources = SourceSet(cfg)  # type: ignore[arg-type]
         self.planner = Planner(cfg, self.sources.pools, self.info.world)  # type: ignore[arg-type]
@@ -168,9 +178,12 @@ class VAETrainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.stopped_by: int | None = None  # signal that ended the last train() early
-        ckpt = resolve_resume(cfg.checkpoint.resume, self.out)
-        if ckpt is not None:
-            self.step = int(load_checkpoint(ckpt, model, self.optimizer, self.ema, self.info)["step"])
+        self.exported: Path | None = None  # the final/vae folder the last train() wrote
+        resumed = resume_checkpoint(cfg.checkpoint.resume, self.out, model, self.optimizer, self.ema, self.info)
+        if resumed is not None:
+            self.step = int(resumed[1]["step"])
+            if self.info.is_main:
+                logger.info("resumed from %s at step %d", resumed[0], self.step)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -184,7 +197,10 @@ class VAETrainer:
         deadline = None if time_limit is None else time.monotonic() + 60.0 * time_limit
         timed_out = False
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+        self.exported = None
         if self.step >= end:
+            if info.is_main:
+                logger.info("nothing to train: %s is at step %d, the stop is at step %d", self.out, self.step, end)
             return self.history
         stream = StepStream(cfg, self.planner, info.rank, info.world, self.step * accum, end * accum)  # type: ignore[arg-type]
         loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
@@ -225,6 +241,7 @@ class VAETrainer:
                         vals /= info.world
                     vals = vals.cpu()
                     dt, t0 = time.perf_counter() - t0, time.perf_counter()
+                    check_finite_loss(float(vals[0]), plan.step, self.optimizer.param_groups[0]["lr"], self.out)
                     rec = {
                         "step": plan.step, "stage_index": plan.stage_index, "kind": plan.kind, "loss": float(vals[0]),
                         "recon": float(vals[1]), "kl": float(vals[2]), "lr": self.optimizer.param_groups[0]["lr"],
@@ -254,7 +271,7 @@ class VAETrainer:
             if timed_out and info.is_main:
                 report_stop(stop, time_limit, self.step, end)
             if (self.step == cfg.total_steps or timed_out) and cfg.checkpoint.export_final:
-                self.export(self.out / "final" / "vae")
+                self.exported = self.export(self.out / "final" / "vae")
         return self.history
 
     @torch.no_grad()
