@@ -33,6 +33,14 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     from m4v.models.layouts import LAYOUTS
 
     if args.family == "wan":
+        defaults = {"config": "m4v-768p", "frames": [121, 241], "height": 768, "width": 1280, "text_len": 128,
+                    "layouts": None}  # fmt: skip
+        for name, default in defaults.items():
+            if getattr(args, name) != default:
+                raise UsageError(
+                    f"--{name.replace('_', '-')}: not used with --family wan, which prints Wan2.1-1.3B/14B at 480p "
+                    "and 720p, 81 frames"
+                )
         from m4v.models.wan_configs import WAN_FLOPS_NOTES, format_wan_flops, wan_flops_rows
 
         rows = wan_flops_rows(480, 832, 81) + wan_flops_rows(720, 1280, 81)
@@ -115,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("m4v: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # out of memory (CPU or GPU); any other RuntimeError is a bug: re-raised
+        text = str(e)
+        if not (isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text):
+            raise
+        first = (text.strip().splitlines() or ["MemoryError"])[0][:200]
+        print(f"m4v {args.command}: error: out of memory ({first}); try a smaller size, fewer frames or a "
+              "smaller batch, or --dtype bfloat16", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 from importlib import resources
+from pathlib import Path
 
 from m4v.defaults import SQG_START_FRAME
 
@@ -99,8 +101,8 @@ def quiet_libraries() -> None:
 
 def sqg_kwargs(weight: float, start: int | None, num_latent_frames: int) -> dict:
     """Pipeline arguments of self-quality guidance (paper E.3); a weight that could never apply is an error."""
-    if weight < 0:
-        raise ValueError(f"--self-quality-guidance: must be >= 0, got {weight}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"--self-quality-guidance: must be a finite number >= 0, got {weight}")
     if start is not None and start < 1:
         raise ValueError(f"--sqg-start-frame: must be at least 1 (a latent frame with history), got {start}")
     if not weight:
@@ -122,12 +124,12 @@ def _check_common(args: argparse.Namespace) -> None:
     if args.video_steps:
         parse_steps(args.video_steps, "--video-steps")
     for name, g in (("--guidance", args.guidance), ("--video-guidance", args.video_guidance)):
-        if g is not None and g < 0:
-            raise ValueError(f"{name}: must be >= 0, got {g}")
+        if g is not None and (not math.isfinite(g) or g < 0):
+            raise ValueError(f"{name}: must be a finite number >= 0, got {g}")
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: unknown dtype {args.dtype!r}; choose float32, bfloat16 or float16")
-    if args.fps <= 0:
-        raise ValueError(f"--fps: must be positive, got {args.fps}")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 1000):
+        raise ValueError(f"--fps: must be a frame rate between 1 and 1000, got {args.fps}")
     top = SEED_MAX - (getattr(args, "per_prompt", 1) - 1)  # m4v sample uses seed .. seed + per_prompt - 1
     if not 0 <= args.seed <= top:
         raise ValueError(f"--seed: must be between 0 and {top}, got {args.seed}")
@@ -226,17 +228,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.per_prompt < 1:
         raise ValueError(f"--per-prompt: must be >= 1, got {args.per_prompt}")
     prompts = load_prompts(args.prompts)
-    os.makedirs(args.out, exist_ok=True)
-    check_output_path(os.path.join(args.out, "probe.mp4"))
+    from m4v.io.paths import check_output_folder
+
+    check_output_folder(args.out, "--out")
     import torch
 
-    pipe, kwargs = _load(args)
+    pipe, kwargs = _load(args)  # the model is checked before the folder is made
     pipe.set_progress_bar_config(disable=True)
+    created = [p for p in (Path(args.out), *Path(args.out).parents) if not p.exists()]
+    os.makedirs(args.out, exist_ok=True)
 
     def generate(prompt: str, seed: int):  # noqa: ANN202 - frames [F, H, W, 3] in [0, 1]
         return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames[0]
 
-    written = sample_prompts(generate, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, fps=args.fps)
+    try:
+        written = sample_prompts(generate, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, fps=args.fps)
+    except BaseException:  # e.g. a size the model cannot make, found at the first video: leave no empty folders
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     print(f"{len(written)} videos in {args.out}")
     return 0
 

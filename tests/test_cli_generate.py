@@ -70,6 +70,34 @@ def _corrupt_model(tmp_path):
     return str(d)
 
 
+def _broken_model(tmp_path, kind: str) -> str:
+    """A copy of the shipped model broken one way: weights of one block missing, a VAE as the transformer, no
+    scheduler/, or a default_frames that is not a number."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from m4v.generate_cli import default_model_dir
+
+    d = tmp_path / kind.lower()
+    shutil.copytree(default_model_dir(), d)
+    if kind == "PARTIAL":
+        path = d / "transformer" / "diffusion_pytorch_model.safetensors"
+        sd = {k: v for k, v in load_file(str(path)).items() if not k.startswith("single_blocks.5.")}
+        save_file(sd, str(path), metadata={"format": "pt"})
+    elif kind == "FOREIGN":
+        shutil.rmtree(d / "transformer")
+        shutil.copytree(d / "vae", d / "transformer")
+    elif kind == "NOSCHEDULER":
+        shutil.rmtree(d / "scheduler")
+    elif kind == "BADINDEX":
+        index = json.loads((d / "model_index.json").read_text())
+        index["default_frames"] = "abc"
+        (d / "model_index.json").write_text(json.dumps(index))
+    return str(d)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -83,12 +111,21 @@ def _corrupt_model(tmp_path):
         (["--seed", "-1"], "--seed: must be between 0 and 9223372036854775807, got -1"),
         (["--seed", str(2**63)], "--seed: must be between 0 and 9223372036854775807"),  # torch: signed 64-bit
         (["--steps", "-3"], "--steps"),
-        (["--guidance", "-1"], "--guidance: must be >= 0"),
-        (["--self-quality-guidance", "-0.5"], "--self-quality-guidance: must be >= 0"),
+        (["--guidance", "-1"], "--guidance: must be a finite number >= 0"),
+        (["--guidance", "nan"], "--guidance: must be a finite number >= 0, got nan"),
+        (["--video-guidance", "inf"], "--video-guidance: must be a finite number >= 0, got inf"),
+        (["--fps", "inf"], "--fps: must be a frame rate between 1 and 1000"),
+        (["--fps", "1e-9"], "--fps: must be a frame rate between 1 and 1000"),
+        (["--self-quality-guidance", "-0.5"], "--self-quality-guidance: must be a finite number >= 0"),
+        (["--self-quality-guidance", "nan"], "--self-quality-guidance: must be a finite number >= 0, got nan"),
         (["--self-quality-guidance", "0.5"], "3 latent frames and guidance starts at latent frame 8"),
         (["--self-quality-guidance", "0.5", "--sqg-start-frame", "0"], "--sqg-start-frame: must be at least 1"),
         (["--model", "/nonexistent/model"], "does not exist"),
-        (["--model", "CORRUPT"], "corrupt or incomplete"),
+        (["--model", "CORRUPT"], "model_index.json is not readable JSON"),
+        (["--model", "PARTIAL"], "do not match its config.json: 19 missing (e.g. single_blocks.5."),
+        (["--model", "FOREIGN"], "holds a VAE (AutoencoderKLLTXVideo), not an M4V transformer"),
+        (["--model", "NOSCHEDULER"], "it has no scheduler/ folder"),
+        (["--model", "BADINDEX"], "model_index.json default_frames must be a positive integer, got 'abc'"),
         (["--device", "tpu"], "--device"),
         (["--device", "cuda:7"], "--device"),
         (["--output-override", "/proc/out.mp4"], "--output"),
@@ -107,6 +144,10 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, message):
     if "CORRUPT" in args:
         corrupt = _corrupt_model(tmp_path)
         args = [a.replace("CORRUPT", corrupt) for a in args]
+    for kind in ("PARTIAL", "FOREIGN", "NOSCHEDULER", "BADINDEX"):
+        if kind in args:
+            broken = _broken_model(tmp_path, kind)
+            args = [a.replace(kind, broken) for a in args]
     if "--device" in args and "cuda" in args[-1] and torch.cuda.is_available():
         pytest.skip("a CUDA device exists here")
     code = main(["generate", prompt, "-o", str(out), *FAST, *args])
@@ -142,6 +183,12 @@ def test_sample_prompt_list_resumable(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == files
     assert all(p.stat().st_mtime_ns == stamp[p] for p in out.iterdir() if p.name != files[0])
     assert main(["sample", "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    # a size the model cannot make is found at the first video: no empty output folders are left
+    nested = tmp_path / "new" / "nested"
+    assert main(["sample", "--prompts", str(prompts), "--out", str(nested), "--frames", "16", *FAST]) == 2
+    assert not (tmp_path / "new").exists()
+    assert main(["sample", "--prompts", str(prompts), "--out", str(prompts), *FAST]) == 2
+    assert "exists and is a file" in capsys.readouterr().err
 
 
 def test_sample_seed_range_covers_every_video(tmp_path, capsys):

@@ -181,6 +181,12 @@ def test_errors_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--limit", "0"], "--limit")
     _one_line_error(capsys, ["eval", "shapes", "--model", model, "--self-quality-guidance", "0.3"], "would never apply")
     _one_line_error(capsys, ["eval", "shapes", "--videos", str(tmp_path), "--sqg-start-frame", "1"], "only used")
+    # output paths are checked before the work, not after it
+    _one_line_error(capsys, ["eval", "shapes", "--videos", str(tmp_path), "--out", str(tmp_path)], "--out:")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    _one_line_error(capsys, ["eval", "shapes", "--model", model, "--videos-out", str(blocker)], "--videos-out:")
+    _one_line_error(capsys, ["eval", "vbench", "--videos", str(tmp_path), "--out", str(tmp_path)], "is a folder")
     assert main(["eval", "shapes", "--videos", str(tmp_path), "--no-progress"]) == 0
     assert "accuracy over 1 captioned video(s)" in capsys.readouterr().out
 

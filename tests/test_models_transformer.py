@@ -183,3 +183,26 @@ def test_torch_compile_matches_eager(layout):
     torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
     for a, p in zip(ref, model.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
+def test_from_pretrained_is_strict(tmp_path):
+    """A folder missing some weights, holding another class, or not there at all is a ValueError, not a
+    silently random-initialised model (diffusers' default) nor a download attempt."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    loaded = M4VTransformer.from_pretrained(tmp_path / "m")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters()))
+    path = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    dropped = sorted(k for k in sd if k.startswith("single_blocks.0."))
+    save_file({k: v for k, v in sd.items() if k not in dropped}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{len(dropped)} missing"):
+        M4VTransformer.from_pretrained(tmp_path / "m")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKLLTXVideo"}')
+    with pytest.raises(ValueError, match="holds a VAE"):
+        M4VTransformer.from_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="does not exist"):
+        M4VTransformer.from_pretrained(tmp_path / "nope")

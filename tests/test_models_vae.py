@@ -184,8 +184,11 @@ def test_save_and_load_round_trip(tmp_path: os.PathLike[str]) -> None:
     # the folder is an ordinary diffusers checkpoint
     plain = AutoencoderKLLTXVideo.from_pretrained(tmp_path)
     assert VideoVAE(plain).latent_norm == norm
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="missing does not exist"):
         VideoVAE.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        VideoVAE.from_pretrained(tmp_path / "empty")
 
 
 def test_paper_config() -> None:

@@ -135,13 +135,37 @@ def test_save_load_roundtrip(pipe, tmp_path):
     "kw,match",
     [(dict(height=48), "height: 48 is not allowed; it must be a multiple of 64"),
      (dict(num_frames=12), "nearest valid value is 9"), (dict(guidance_scale=-1.0), "guidance_scale"),
-     (dict(num_inference_steps=0), "num_inference_steps"), (dict(output_type="gif"), "output_type")],
+     (dict(num_inference_steps=0), "num_inference_steps"), (dict(output_type="gif"), "output_type"),
+     (dict(guidance_scale=float("nan")), "guidance_scale: must be a finite number >= 0, got nan"),
+     (dict(video_guidance_scale=float("inf")), "video_guidance_scale: must be a finite number"),
+     (dict(guidance_scale="3"), "guidance_scale: must be a number, got '3'"),
+     (dict(height=64.0), r"height: must be an integer, got 64.0 \(float\)"),
+     (dict(num_inference_steps=2.5), "num_inference_steps: must be a positive integer"),
+     (dict(negative_prompt=5), "negative_prompt: must be a string or a list of strings"),
+     (dict(self_quality_guidance=-1.0), "self_quality_guidance: must be a finite number >= 0"),
+     (dict(self_quality_guidance=0.5, sqg_start_frame=0), "sqg_start_frame: 0 is not a latent frame with history"),
+     (dict(self_quality_guidance=0.5, sqg_start_frame=2), "1 to 1 for 9 frames"),
+     (dict(sqg_stages=[7]), "sqg_stages: must be pyramid stages in 0..2"),
+     (dict(image=np.zeros((0, 0, 3), np.uint8)), "non-empty"),
+     (dict(image=np.full((8, 8, 3), 128.0)), "a float array must hold finite values in \\[0, 1\\]")],
 )
 def test_bad_arguments(pipe, kw, match):
     with pytest.raises(ValueError, match=match):
         run(pipe, 0, **kw)
     with pytest.raises(ValueError, match="prompt"):
         pipe("  ", height=64, width=64, num_frames=9)
+    with pytest.raises(ValueError, match="prompt: must be a non-empty string"):
+        pipe(5, height=64, width=64, num_frames=9)
+    with pytest.raises(ValueError, match="generator: must be a torch.Generator"):
+        pipe("a cat", height=64, width=64, num_frames=9, generator=0)
+
+
+def test_numpy_integers_are_integers(pipe):
+    """Sizes and step counts from NumPy (np.int64) are taken as the ints they are: the same video."""
+    a = run(pipe, 4, num_frames=1, output_type="latent")
+    b = run(pipe, 4, num_frames=np.int64(1), height=np.int64(64), width=np.int32(64), num_inference_steps=np.int64(2),
+            output_type="latent")  # fmt: skip
+    assert torch.equal(a.latents, b.latents)
 
 
 def test_model_default_guidance_saved_loaded_and_used(pipe, tmp_path):

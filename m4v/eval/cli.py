@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from m4v.io.paths import check_output_file, check_output_folder
+
 VBENCH_HELP = """VBench-style evaluation of a folder of generated videos named PROMPT-INDEX.mp4 (VBench naming).
 
 Without network weights only weight-free measures run: temporal flickering (exact VBench formula) and
@@ -43,6 +45,8 @@ def _cmd_vbench(args: argparse.Namespace) -> int:
     from m4v.eval.vbench import evaluate_folder
 
     _check_png(args.plot)
+    check_output_file(args.out, "--out")  # before the evaluation, not after it
+    check_output_file(args.plot, "--plot")
     report = evaluate_folder(
         args.videos,
         prompts=args.prompts,
@@ -105,6 +109,11 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
         )
     if args.frames_out is not None and args.model is None:
         raise ValueError("--frames-out: only used with --model.")
+    check_output_file(args.out, "--out")  # before the generation and analysis, not after them
+    if check_output_file(args.frames_out, "--frames-out") is not None:
+        Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
+    if args.videos_out is not None:
+        check_output_folder(args.videos_out, "--videos-out")
     if args.in_memory and (args.model is None or args.frames_out is not None or args.videos_out is not None):
         raise ValueError("--in-memory: only used with --model, without --frames-out or --videos-out.")
     if args.frames is not None:

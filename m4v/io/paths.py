@@ -27,4 +27,16 @@ def check_output_folder(path: str | os.PathLike[str], name: str) -> Path:
     return p
 
 
-__all__ = ["check_output_folder"]
+def check_output_file(path: str | os.PathLike[str] | None, name: str) -> Path | None:
+    """``path`` as a Path if a file can be written there (its missing parent folders may be created later);
+    ValueError naming ``name`` if it is a folder or cannot be created. None stays None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name}: {str(p)!r} is a folder; give a file name.")
+    check_output_folder(p.parent if str(p.parent) else Path("."), name)
+    return p
+
+
+__all__ = ["check_output_file", "check_output_folder"]

@@ -8,8 +8,10 @@ concatenated sequence; the current frame's tokens are projected back to a latent
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -26,6 +28,7 @@ from m4v.layers.embeddings import (
 from m4v.layers.zigzag import layer_path
 from m4v.models.blocks import AttentionBlock, MMDiMBlock, MMDiTBlock, SequenceContext
 from m4v.models.layouts import LAYOUTS, block_mixers
+from m4v.models.loading import load_strict
 from m4v.ops.fused import ln_modulate
 
 
@@ -70,6 +73,13 @@ def _check_config(c: dict) -> None:
 
 class M4VTransformer(ModelMixin, ConfigMixin):
     """The M4V backbone (PyramidFlow base, MM-DiM single-stream blocks), diffusers ModelMixin/ConfigMixin."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:  # type: ignore[override]
+        """diffusers ``from_pretrained`` from a local folder, strict: the folder must hold this class with every
+        weight (``m4v.models.loading``); nothing is downloaded."""
+        load = super().from_pretrained
+        return load_strict(load, cls.__name__, pretrained_model_name_or_path, **kwargs)
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["MMDiTBlock", "MMDiMBlock", "AttentionBlock"]

@@ -408,11 +408,9 @@ class VideoVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> VideoVAE:
         """Load a folder written by ``save_pretrained`` (local files only; no hub downloads)."""
-        path = os.fspath(path)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"VAE path {path!r} is not a folder with a diffusers config.json.")
-        kwargs.setdefault("local_files_only", True)
-        return cls(AutoencoderKLLTXVideo.from_pretrained(path, **kwargs))
+        from m4v.models.loading import load_strict
+
+        return cls(load_strict(AutoencoderKLLTXVideo.from_pretrained, "AutoencoderKLLTXVideo", path, "VAE", **kwargs))
 
 
 def build_video_vae(name: str, latent_norm: LatentNorm | None = None, **overrides: Any) -> VideoVAE:

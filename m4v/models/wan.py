@@ -25,6 +25,7 @@ GELU-tanh FFN.  ``layout="attention"`` is plain Wan2.1 (3D-RoPE self-attention, 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from m4v.layers.rope import apply_rope, rope_cos_sin
 from m4v.layers.temporal_branch import TemporalBranch
 from m4v.layers.zigzag import layer_path
 from m4v.models.blocks import FeedForward
+from m4v.models.loading import load_strict
 
 FAMILY = "wan"
 WAN_LAYOUTS = ("attention", "mmdim")
@@ -366,6 +368,13 @@ class WanBlock(nn.Module):
 
 class M4VWanTransformer(ModelMixin, ConfigMixin):
     """M4V (Wan2.1) backbone: Wan2.1's DiT with MM-DiM mixers (or plain self-attention), whole video at once."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:  # type: ignore[override]
+        """diffusers ``from_pretrained`` from a local folder, strict: the folder must hold this class with every
+        weight (``m4v.models.loading``); nothing is downloaded."""
+        load = super().from_pretrained
+        return load_strict(load, cls.__name__, pretrained_model_name_or_path, **kwargs)
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["WanBlock"]

@@ -15,6 +15,8 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image, UnidentifiedImageError
 
+        if os.path.isdir(image):
+            raise ValueError(f"image: {os.fspath(image)!r} is a folder; give an image file")
         if not os.path.isfile(image):
             raise ValueError(f"image: file {os.fspath(image)!r} does not exist")
         try:
@@ -25,14 +27,20 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
     if hasattr(image, "convert") and not isinstance(image, (np.ndarray, torch.Tensor)):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image: expected [H, W, 3], got {image.shape}")
+        if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+            raise ValueError(f"image: expected a non-empty [H, W, 3] array, got {image.shape}")
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"image: a [H, W, 3] array must be uint8 (0-255) or float (0-1), got {image.dtype}")
         arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        if image.dtype != np.uint8 and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise ValueError("image: a float array must hold finite values in [0, 1] (use uint8 for 0-255)")
         t = torch.from_numpy(arr).permute(2, 0, 1) * 2 - 1
     elif isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image: expected a [3, H, W] tensor in [-1, 1], got {tuple(image.shape)}")
+        if image.ndim != 3 or image.shape[0] != 3 or 0 in image.shape:
+            raise ValueError(f"image: expected a non-empty [3, H, W] tensor in [-1, 1], got {tuple(image.shape)}")
         t = image.float()
+        if not torch.isfinite(t).all():
+            raise ValueError("image: the tensor holds NaN or infinite values")
     else:
         raise ValueError(f"image: unsupported type {type(image).__name__}")
     _, H, W = t.shape

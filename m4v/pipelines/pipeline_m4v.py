@@ -10,6 +10,9 @@ the first frame and the video scale afterwards, conditional and unconditional in
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from m4v.models.cuda_graphs import CUDAGraphTransformer, cuda_graphs_enabled
 from m4v.models.text_encoders import TextEmbeddings, TextEncoder, load_text_encoder
 from m4v.models.transformer import M4VTransformer
 from m4v.models.vae import VideoVAE
-from m4v.pipelines.model_dir import MODEL_INDEX, load_model_dir
+from m4v.pipelines.model_dir import MODEL_INDEX, index_frames, index_size, load_model_dir, resolve_dtype
 from m4v.schedulers import PyramidFlowMatchScheduler, temporal_pyramid_history
 from m4v.schedulers.pyramid import Generators, _rand
 
@@ -58,9 +61,32 @@ def _guidance_pair(value: Any, root: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def as_int(name: str, value: Any) -> int:
+    """``value`` as a Python int: ints and NumPy / torch integer scalars (not bools, not floats such as 64.0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
+def as_scale(name: str, value: Any) -> float:
+    """A guidance weight: a finite real number >= 0 (ints, floats, NumPy scalars)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+    return float(value)
+
+
 def _steps(name: str, steps: int | Sequence[int], stages: int) -> list[int]:
-    out = [steps] * stages if isinstance(steps, int) else list(steps)
-    if len(out) != stages or any(not isinstance(s, int) or s < 1 for s in out):
+    try:
+        many = isinstance(steps, list | tuple)
+        out = [as_int(name, s) for s in steps] if many else [as_int(name, steps)] * stages
+    except ValueError:
+        out = []
+    if len(out) != stages or any(s < 1 for s in out):
         raise ValueError(f"{name}: must be a positive integer or {stages} positive integers (one per stage), "
                          f"got {steps}")
     return out
@@ -144,11 +170,15 @@ class M4VPipeline(DiffusionPipeline):
                         for k, v in spec.items()}
             text_encoder = load_text_encoder(spec)
         pipe = cls(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
-        pipe.default_size = tuple(index.get("default_size", pipe.default_size))
-        pipe.default_frames = int(index.get("default_frames", pipe.default_frames))
+        pipe.default_size = index_size(index, root, pipe.default_size)
+        pipe.default_frames = index_frames(index, root, pipe.default_frames)
         pipe.default_guidance = _guidance_pair(index.get("default_guidance", pipe.default_guidance), root)
+        try:  # the defaults must be sizes this model can generate
+            pipe.check_inputs("x", *pipe.default_size, pipe.default_frames, 0.0, 0.0)
+        except ValueError as e:
+            raise ValueError(f"model directory {root!r}: {MODEL_INDEX} defaults are not valid for it ({e})") from None
         if torch_dtype is not None:
-            pipe.transformer.to(torch_dtype)
+            pipe.transformer.to(resolve_dtype(torch_dtype))
         return pipe
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -159,21 +189,22 @@ class M4VPipeline(DiffusionPipeline):
     def check_inputs(
         self, prompt: Any, height: int, width: int, num_frames: int, guidance_scale: float, video_guidance_scale: float
     ) -> list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else []
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError("prompt: must be a non-empty string (or a list of them)")
+            raise ValueError(f"prompt: must be a non-empty string (or a list of them), got {prompt!r}")
         m = self.size_multiple
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < m or v % m:
-                lo = max(m, (v // m) * m) if isinstance(v, int) else m
+            v = as_int(name, v)
+            if v < m or v % m:
+                lo = max(m, (v // m) * m)
                 raise ValueError(f"{name}: {v} is not allowed; it must be a multiple of {m} (e.g. {lo} or {lo + m})")
         t = self.vae.temporal_compression
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % t:
-            near = max(1, round((num_frames - 1) / t) * t + 1) if isinstance(num_frames, int) else 1
+        num_frames = as_int("num_frames", num_frames)
+        if num_frames < 1 or (num_frames - 1) % t:
+            near = max(1, round((num_frames - 1) / t) * t + 1)
             raise ValueError(f"num_frames: {num_frames} is not 1 + {t}k; the nearest valid value is {near}")
-        for name, g in (("guidance_scale", guidance_scale), ("video_guidance_scale", video_guidance_scale)):
-            if g < 0:
-                raise ValueError(f"{name}: must be >= 0, got {g}")
+        as_scale("guidance_scale", guidance_scale)
+        as_scale("video_guidance_scale", video_guidance_scale)
         return prompts
 
     def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[TextEmbeddings, TextEmbeddings]:
@@ -257,15 +288,35 @@ class M4VPipeline(DiffusionPipeline):
         width = self.default_size[1] if width is None else width
         num_frames = self.default_frames if num_frames is None else num_frames
         prompts = self.check_inputs(prompt, height, width, num_frames, guidance_scale, video_guidance_scale)
+        height, width, num_frames = as_int("height", height), as_int("width", width), as_int("num_frames", num_frames)
+        guidance_scale = as_scale("guidance_scale", guidance_scale)
+        video_guidance_scale = as_scale("video_guidance_scale", video_guidance_scale)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type: must be 'np', 'pt' or 'latent', got {output_type!r}")
         S = self.scheduler.config.num_stages
         first_steps = _steps("num_inference_steps", num_inference_steps, S)
         video_steps = _steps("video_num_inference_steps", video_num_inference_steps, S)
+        self_quality_guidance = as_scale("self_quality_guidance", self_quality_guidance)
         sqg_stages = tuple(sqg_stages) if sqg_stages is not None else (S - 1,)
+        if not sqg_stages or any(isinstance(s, bool) or s not in range(S) for s in sqg_stages):
+            raise ValueError(f"sqg_stages: must be pyramid stages in 0..{S - 1}, got {list(sqg_stages)}")
+        sqg_start_frame = as_int("sqg_start_frame", sqg_start_frame)
+        if self_quality_guidance > 0 and not 1 <= sqg_start_frame < self.vae.num_latent_frames(num_frames):
+            raise ValueError(
+                f"sqg_start_frame: {sqg_start_frame} is not a latent frame with history (1 to "
+                f"{self.vae.num_latent_frames(num_frames) - 1} for {num_frames} frames); self-quality guidance "
+                "would never apply"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator) and not (
+            isinstance(generator, list | tuple) and all(isinstance(g, torch.Generator) for g in generator)
+        ):
+            raise ValueError(f"generator: must be a torch.Generator or a list of them, got {type(generator).__name__}")
         B = len(prompts)
         negative = negative_prompt if negative_prompt is not None else ""
-        negatives = [negative] * B if isinstance(negative, str) else list(negative)
+        negatives = [negative] * B if isinstance(negative, str) else None
+        negatives = list(negative) if isinstance(negative, list | tuple) else negatives
+        if negatives is None or any(not isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt: must be a string or a list of strings, got {negative_prompt!r}")
         if len(negatives) != B:
             raise ValueError(f"negative_prompt: got {len(negatives)} for {B} prompts")
         cond, uncond = self.encode_prompt(prompts, negatives)

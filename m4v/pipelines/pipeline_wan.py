@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
+from m4v.models.loading import load_strict
 from m4v.models.text_encoders import (
     PromptTruncatedWarning,
     TextEmbeddings,
@@ -36,7 +37,7 @@ from m4v.models.text_encoders import (
     load_text_encoder,
 )
 from m4v.models.wan import M4VWanTransformer
-from m4v.pipelines.model_dir import MODEL_INDEX, load_model_dir
+from m4v.pipelines.model_dir import MODEL_INDEX, index_frames, index_size, load_model_dir, resolve_dtype
 from m4v.pipelines.pipeline_m4v import M4VPipelineOutput
 from m4v.schedulers.pyramid import _rand
 
@@ -165,8 +166,10 @@ def is_wan_model_dir(path: str | os.PathLike[str]) -> bool:
     try:
         with open(index_path) as f:
             index = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    if not isinstance(index, dict):
+        return False  # the M4V loader names the problem
     return index.get("_class_name") == PIPELINE_CLASS or index.get("family") == "wan"
 
 
@@ -220,7 +223,7 @@ class M4VWanPipeline(DiffusionPipeline):
         root = os.fspath(pretrained_model_name_or_path)
         index, parts = load_model_dir(root, {
             "transformer": lambda d: M4VWanTransformer.from_pretrained(d, local_files_only=True),
-            "vae": lambda d: AutoencoderKLWan.from_pretrained(d, local_files_only=True),
+            "vae": lambda d: load_strict(AutoencoderKLWan.from_pretrained, "AutoencoderKLWan", d, "vae"),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
         }, kind="M4V (Wan2.1)")
         transformer, vae, scheduler = parts["transformer"], parts["vae"], parts["scheduler"]
@@ -229,11 +232,11 @@ class M4VWanPipeline(DiffusionPipeline):
         if text_encoder is None:
             text_encoder = load_wan_text_encoder(index.get("text_encoder", "minilm"), root)
         pipe = cls(transformer=transformer, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
-        pipe.default_size = tuple(index.get("default_size", pipe.default_size))
-        pipe.default_frames = int(index.get("default_frames", pipe.default_frames))
+        pipe.default_size = index_size(index, root, pipe.default_size)
+        pipe.default_frames = index_frames(index, root, pipe.default_frames)
         pipe.flow_shift = index.get("flow_shift")
         if torch_dtype is not None:
-            pipe.transformer.to(torch_dtype)
+            pipe.transformer.to(resolve_dtype(torch_dtype))
         return pipe
 
     # ------------------------------------------------------------------------------------------- helpers

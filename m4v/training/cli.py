@@ -166,6 +166,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_wan_convert_arguments(parser: argparse.ArgumentParser, standalone: bool = False) -> None:
+    """Add the Wan-only options to a ``convert`` parser (which already has -o, --layout, --swap-qk, --seed, --set).
+
+    ``standalone`` also adds those shared options (for ``register_convert_wan``).
+    """
+    if standalone:
+        parser.add_argument("--from-wan", required=True, metavar="WAN_DIR",
+                            help="Wan2.1 transformer folder (diffusers layout) or a whole Wan diffusers folder")
+        parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+        parser.add_argument("--layout", default="mmdim", help="mmdim (default) or attention")
+        parser.add_argument("--swap-qk", action="store_true", help="B <- W_q, C <- W_k (the paper's wording)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a target config value")
+    else:
+        parser.add_argument("--from-wan", metavar="WAN_DIR",
+                            help="Wan2.1 transformer folder (diffusers layout) or a whole Wan diffusers folder")
+    parser.add_argument("--vae", metavar="DIR", help="Wan VAE folder (AutoencoderKLWan), copied into OUT_DIR/vae")
+    parser.add_argument("--text-encoder", metavar="DIR", help="UMT5 encoder folder, or 'minilm' (text_dim 384)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="UMT5 tokenizer folder (default: the encoder folder)")
+    if standalone:  # the shared convert parser already has it
+        parser.add_argument("--no-fold-qk-norm", action="store_true",
+                            help="drop Wan's q/k RMSNorm gains instead of folding them into the C/B rows")
+    parser.add_argument("--dtype", default=None, help="saved dtype: float32, bfloat16, float16 (default: Wan's)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``train-vae``, ``prepare`` and ``convert`` to the ``m4v`` command."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -214,7 +239,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="drop the q/k RMSNorm gains instead of folding them into the C/B rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a target config value")
-    from m4v.training.convert_wan import add_wan_convert_arguments
-
     add_wan_convert_arguments(p)  # --from-wan DIR and its VAE / text-encoder options (paper Sec. 4.1)
     p.set_defaults(func=cmd_convert)

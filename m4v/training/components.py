@@ -25,30 +25,11 @@ def _config_class(folder: str) -> str | None:
         return None
 
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
-KINDS = {"M4VTransformer": "an M4V transformer", "M4VWanTransformer": "an M4V (Wan) transformer",
-         "AutoencoderKLLTXVideo": "a VAE", "AutoencoderKLWan": "a Wan VAE"}
-
-
 def load_pretrained(cls: Any, folder: str, option: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(folder)`` (local files only) with one-line ValueErrors naming ``option``: no folder,
-    a folder of another class (say a VAE given as the transformer), no weights file, or unreadable weights."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option}: {folder} is not a folder.")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{option}: {folder} is not a save_pretrained folder (no config.json).")
-    found = _config_class(folder)
-    if found is not None and found != cls.__name__:
-        want = KINDS.get(cls.__name__, cls.__name__)
-        raise ValueError(f"{option}: {folder} holds {KINDS.get(found, found)} ({found}), not {want}.")
-    if not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHT_FILES):
-        raise ValueError(f"{option}: {folder} has a config.json but no weights ({WEIGHT_FILES[0]}).")
-    try:
-        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
-    except (OSError, RuntimeError) as e:
-        first = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[0][:200]
-        raise ValueError(f"{option}: cannot load the weights in {folder} ({first}).") from e
+    """``cls.from_pretrained(folder)`` strictly (``m4v.models.loading``), errors naming the config key ``option``."""
+    from m4v.models.loading import load_strict
+
+    return load_strict(cls.from_pretrained, cls.__name__, folder, option, **kwargs)
 
 
 def check_overrides(cls: Any, overrides: dict[str, Any], option: str) -> None:

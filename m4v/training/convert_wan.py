@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from m4v.models.wan import M4VWanTransformer, WanMMDiMMixer, build_mixer
+from m4v.training.cli import add_wan_convert_arguments  # noqa: F401 - defined there, without torch
 from m4v.training.convert import check_mamba_matches_attention, mamba_slices
 
 WAN_CLASS = "WanTransformer3DModel"
@@ -320,31 +321,6 @@ def _parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in table:
         raise ValueError(f"--dtype: unknown dtype {name!r}; choose float32, bfloat16 or float16")
     return table[name]
-
-
-def add_wan_convert_arguments(parser: argparse.ArgumentParser, standalone: bool = False) -> None:
-    """Add the Wan-only options to a ``convert`` parser (which already has -o, --layout, --swap-qk, --seed, --set).
-
-    ``standalone`` also adds those shared options (for ``register_convert_wan``).
-    """
-    if standalone:
-        parser.add_argument("--from-wan", required=True, metavar="WAN_DIR",
-                            help="Wan2.1 transformer folder (diffusers layout) or a whole Wan diffusers folder")
-        parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
-        parser.add_argument("--layout", default="mmdim", help="mmdim (default) or attention")
-        parser.add_argument("--swap-qk", action="store_true", help="B <- W_q, C <- W_k (the paper's wording)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
-        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a target config value")
-    else:
-        parser.add_argument("--from-wan", metavar="WAN_DIR",
-                            help="Wan2.1 transformer folder (diffusers layout) or a whole Wan diffusers folder")
-    parser.add_argument("--vae", metavar="DIR", help="Wan VAE folder (AutoencoderKLWan), copied into OUT_DIR/vae")
-    parser.add_argument("--text-encoder", metavar="DIR", help="UMT5 encoder folder, or 'minilm' (text_dim 384)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="UMT5 tokenizer folder (default: the encoder folder)")
-    if standalone:  # the shared convert parser already has it
-        parser.add_argument("--no-fold-qk-norm", action="store_true",
-                            help="drop Wan's q/k RMSNorm gains instead of folding them into the C/B rows")
-    parser.add_argument("--dtype", default=None, help="saved dtype: float32, bfloat16, float16 (default: Wan's)")
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
