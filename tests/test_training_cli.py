@@ -158,3 +158,16 @@ def test_prepare_refuses_to_mix_encoders(tmp_path, capsys):
 def test_train_vae_names_a_transformer_config(tmp_path, capsys):
     code, err = exit_code(["train-vae", "--config", write_config(tmp_path, tmp_path / "run")], capsys)
     assert code == 2 and "it is an 'm4v train' config" in err
+
+
+def test_damaged_checkpoint_shards_name_the_previous_checkpoint(tmp_path):
+    """A truncated DCP shard in the latest checkpoint is reported as damaged (not as a model mismatch), with the
+    run's previous complete checkpoint to resume from."""
+    stages = [dict(steps=2, height=64, width=64, num_frames=1, batch_size=2)]
+    Trainer(tiny_config(tmp_path, stages=stages, checkpoint={"every": 1, "keep": 2})).train()
+    latest = checkpoint_path(tmp_path, 2)
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError) as e:
+        Trainer(tiny_config(tmp_path, stages=stages, checkpoint={"resume": "auto"}))
+    assert "is damaged" in str(e.value) and f"--resume {checkpoint_path(tmp_path, 1)}" in str(e.value)
