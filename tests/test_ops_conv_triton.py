@@ -246,20 +246,11 @@ def test_custom_ops_opcheck_and_torch_compile_fullgraph():
 def test_eager_calls_skip_custom_op_dispatch():
     """Eager calls run the kernels through an autograd.Function (m4v.ops.eager; the ops' dispatch is host time),
     with the custom op's output and gradients bit for bit."""
-    from conftest import OpNames
+    from conftest import assert_eager_equals_custom_op
 
     x, w, bias, mask, g = make_case(2, 9, 16, 4, seed=31, strided=True, masked=True, dtype=torch.float32)
-    results = []
-    for path in ("eager", "custom_op"):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, bias)]
-        with OpNames() as ops:
-            if path == "eager":
-                out = ct.causal_conv1d_triton(leaves[0], leaves[1], leaves[2], "silu", mask)
-            else:
-                out = torch.ops.m4v.causal_conv1d_triton_fwd(*leaves, mask, True)
-            out.backward(g)
-        want = {"m4v.causal_conv1d_triton_fwd", "m4v.causal_conv1d_triton_bwd"}
-        assert ops.custom() == (set() if path == "eager" else want), ops.names
-        results.append([out.detach(), *(t.grad for t in leaves)])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert_eager_equals_custom_op(
+        lambda x, w, b: ct.causal_conv1d_triton(x, w, b, "silu", mask),
+        lambda x, w, b: torch.ops.m4v.causal_conv1d_triton_fwd(x, w, b, mask, True),
+        (x, w, bias), g, {"m4v.causal_conv1d_triton_fwd", "m4v.causal_conv1d_triton_bwd"},
+    )

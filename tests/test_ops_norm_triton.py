@@ -258,21 +258,12 @@ def test_custom_ops_opcheck_and_torch_compile_fullgraph():
 def test_eager_calls_skip_custom_op_dispatch():
     """Eager calls run the kernel through an autograd.Function (m4v.ops.eager; the ops' dispatch is host time),
     with the custom op's output and gradients bit for bit."""
-    from conftest import OpNames
+    from conftest import assert_eager_equals_custom_op
 
     y, z, w, g = make_case((3, 5, 24), seed=41, dtype=torch.float32)
-    results = []
-    for path in ("eager", "custom_op"):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (y, z, w)]
-        with OpNames() as ops:
-            if path == "eager":
-                out = nt.gated_rms_norm(*leaves, 8)
-            else:
-                out = torch.ops.m4v.gated_rms_norm_triton_fwd(leaves[0].view(-1, 24), leaves[1].view(-1, 24),
-                                                              leaves[2], 8, 1e-5).view(y.shape)  # fmt: skip
-            out.backward(g)
-        want = {"m4v.gated_rms_norm_triton_fwd", "m4v.gated_rms_norm_triton_bwd"}
-        assert ops.custom() == (set() if path == "eager" else want), ops.names
-        results.append([out.detach(), *(t.grad for t in leaves)])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    op = torch.ops.m4v.gated_rms_norm_triton_fwd
+    assert_eager_equals_custom_op(
+        lambda y, z, w: nt.gated_rms_norm(y, z, w, 8),
+        lambda y, z, w: op(y.view(-1, 24), z.view(-1, 24), w, 8, 1e-5).view(y.shape),
+        (y, z, w), g, {"m4v.gated_rms_norm_triton_fwd", "m4v.gated_rms_norm_triton_bwd"},
+    )

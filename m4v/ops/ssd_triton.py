@@ -37,7 +37,7 @@ def _forward(
     initial_state: torch.Tensor | None,
     dt_softplus: bool,
     chunk_size: int,
-    want_final: bool,
+    want_final: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, final state, dt processed, in-chunk cumsum of dt A, chunk-entering states, pre-gate output).
 
@@ -60,23 +60,7 @@ def _forward(
 # Under torch.compile the kernels run inside two torch.library custom ops (forward and backward), so that the
 # compiler treats the scan as one opaque node with known output shapes instead of tracing into the Triton
 # launches; eager calls run the same functions through an autograd.Function without the ops' dispatch (m4v.ops.eager).
-@torch.library.custom_op("m4v::ssd_triton_fwd", mutates_args=())
-def _ssd_fwd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    dt_softplus: bool,
-    chunk_size: int,
-    want_final: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_forward` as a custom op."""
-    return _forward(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, want_final)
+_ssd_fwd = torch.library.custom_op("m4v::ssd_triton_fwd", mutates_args=())(_forward)
 
 
 @_ssd_fwd.register_fake
@@ -136,30 +120,7 @@ def _backward(
     return tuple(x.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
 
 
-@torch.library.custom_op("m4v::ssd_triton_bwd", mutates_args=())
-def _ssd_bwd(
-    dout: torch.Tensor,
-    dfinal: torch.Tensor | None,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    dtp: torch.Tensor,
-    acum: torch.Tensor,
-    states: torch.Tensor,
-    ypre: torch.Tensor,
-    dt_softplus: bool,
-    chunk_size: int,
-    has_init: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`_backward` as a custom op."""
-    return _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, chunk_size,
-                     has_init)  # fmt: skip
+_ssd_bwd = torch.library.custom_op("m4v::ssd_triton_bwd", mutates_args=())(_backward)
 
 
 @_ssd_bwd.register_fake
