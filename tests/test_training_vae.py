@@ -62,6 +62,7 @@ def test_train_vae_resume_and_export(tmp_path):
     assert run_cli(["train-vae", "--config", _config(tmp_path, "a")]) == 0
     straight = read_metrics(tmp_path / "a" / "vae_metrics.csv")
     assert [r["kind"] for r in straight] == ["image", "image", "video"]
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["optim"]["lr"] == pytest.approx(1e-3)
     assert all(float(r["loss"]) > 0 for r in straight)
     assert run_cli(["train-vae", "--config", _config(tmp_path, "b"), "--stop-at", "2"]) == 0
     assert run_cli(["train-vae", "--config", _config(tmp_path, "b", resume="auto")]) == 0

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from tqdm.auto import tqdm
 
 from m4v.io.paths import check_output_folder
@@ -207,6 +208,8 @@ class VAETrainer:
         writer = MetricsWriter(self.out, cfg.logging.tensorboard, "vae_metrics.csv") if info.is_main else None
         if writer is not None:
             writer.truncate_from(self.step)
+            with open(self.out / "config.yaml", "w") as f:  # the resolved config, as m4v train writes it
+                yaml.safe_dump(_asdict(cfg), f, sort_keys=False)
         bar = tqdm(total=end, initial=self.step, desc="train-vae", disable=not (cfg.logging.progress and info.is_main))
         parts: list[torch.Tensor] = []
         t0 = time.perf_counter()
