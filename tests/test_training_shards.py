@@ -128,3 +128,22 @@ def test_bad_items_are_skipped_and_counted(tmp_path, caplog):
     assert trainer.skipped() == {"missing_caption": 1, "unreadable": 1, "too_few_frames": 1}
     assert read_metrics(tmp_path / "fly" / "metrics.csv")[-1]["skipped"] == "3"
     assert any("skipped 3 bad items" in r.message for r in caplog.records)
+
+
+def test_skips_of_one_source_at_several_geometries_count_once(tmp_path):
+    """The files a source skipped are counted once over its geometries (per reason, the largest count), and
+    separately for different sources."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from m4v.training.data import SourceSet
+    from m4v.training.testing import tiny_config
+
+    sources = SourceSet.__new__(SourceSet)
+    sources.cfg = tiny_config(tmp_path)
+    sources._sources = {
+        0: SimpleNamespace(skip_key="shards", construction_skips=Counter(unreadable=2, too_short=1)),
+        1: SimpleNamespace(skip_key="shards", construction_skips=Counter(unreadable=2, too_short=3)),
+        2: SimpleNamespace(skip_key="other", construction_skips=Counter(unreadable=1)),
+    }
+    assert sources.construction_skips() == Counter(unreadable=3, too_short=3)

@@ -267,7 +267,7 @@ class ShardSource:
         self.meta = self.index.geometry(stage.height, stage.width, stage.num_frames)
         self.items = self.meta["items"]
         self.construction_skips = Counter(self.meta.get("skipped", {}))
-        self.skip_key = str(self.folder)
+        self.skip_key = str(self.index.root)  # one prepared source: its geometries skipped the same files
         self._handles: OrderedDict[str, Any] = OrderedDict()
 
     def pools(self) -> tuple[list[int], list[int]]:
@@ -334,14 +334,13 @@ class SourceSet:
         return self.get(index).pools()
 
     def construction_skips(self) -> Counter[str]:
-        out: Counter[str] = Counter()
-        seen = set()
+        """Items skipped when the sources were opened; the same file list read (or prepared) at several geometries
+        counts once: per reason, the largest count of any geometry."""
+        by_key: dict[str, Counter[str]] = {}
         for s in self._sources.values():
             key = getattr(s, "skip_key", self.cfg.data.source)
-            if key not in seen:  # the same file list read at several geometries counts once
-                seen.add(key)
-                out += s.construction_skips
-        return out
+            by_key[key] = by_key.get(key, Counter()) | s.construction_skips
+        return sum(by_key.values(), Counter())
 
     def lazy_skips(self) -> Counter[str]:
         out: Counter[str] = Counter()
