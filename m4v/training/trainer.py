@@ -119,7 +119,13 @@ class Trainer:
                 self.vae.model.to(self.autocast_dtype)
         self.text_encoder = None
         if self.latent_data:
-            tok, pooled = ShardIndex(cfg.data.source).null_text()
+            shards = ShardIndex(cfg.data.source)
+            for key in ("text_encoder", "vae"):
+                made_with = shards.meta.get(key)
+                if made_with is not None and made_with != getattr(cfg, key) and self.info.is_main:
+                    logger.warning("data.source: the shards were made with %s %r; the config's %r is not used "
+                                   "(the shards' is, also in final/).", key, made_with, getattr(cfg, key))
+            tok, pooled = shards.null_text()
             mask = torch.ones(1, tok.shape[0], dtype=torch.bool)
             self.null_text = text_to(TextEmbeddings(tok[None], mask, pooled[None]), self.device, torch.float32)
         else:
