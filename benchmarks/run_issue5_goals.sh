@@ -17,7 +17,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if has tests; then
   echo "== kernel tests on the GPU $(date +%T)"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops_ssd_triton.py tests/test_ops_conv_triton.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops_ssd_triton.py tests/test_ops_conv_triton.py \
     tests/test_ops_norm_triton.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
   echo "== host time per op call: eager autograd.Function vs custom op $(date +%T)"
   timeout 120 python3 benchmarks/bench_op_dispatch.py --out "$OUT/op_dispatch.json" 2>&1 | tail -4
