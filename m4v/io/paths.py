@@ -35,7 +35,7 @@ def check_output_file(path: str | os.PathLike[str] | None, name: str) -> Path | 
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{name}: {str(p)!r} is a folder; give a file name.")
-    check_output_folder(p.parent if str(p.parent) else Path("."), name)
+    check_output_folder(p.parent, name)
     return p
 
 

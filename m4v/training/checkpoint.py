@@ -175,7 +175,6 @@ def resume_checkpoint(
     ckpt = resolve_resume(resume, output_dir)
     if ckpt is None:
         return None
-    meta = read_meta(ckpt)
     try:
         return ckpt, load_checkpoint(ckpt, model, optimizer, ema, info)
     except (RuntimeError, KeyError, EOFError, OSError, CheckpointException) as e:
@@ -185,8 +184,9 @@ def resume_checkpoint(
         damaged = damaged or isinstance(e, EOFError | OSError)
         earlier = [c for c in list_checkpoints(ckpt.parent.parent) if c != ckpt and c.name < ckpt.name]
         if damaged:
-            hint = f"--resume {earlier[-1]} (the one before it)" if earlier else "--resume none to start over"
-            raise ValueError(f"checkpoint: {ckpt} (step {meta['step']}) is damaged ({detail}); use {hint}.") from e
+            # (not "--resume none" here: it is refused in an output_dir that holds checkpoints)
+            hint = f"--resume {earlier[-1]} (the one before it)" if earlier else f"another output_dir, or delete {ckpt}"
+            raise ValueError(f"checkpoint: {ckpt} is damaged ({detail}); use {hint}.") from e
         raise ValueError(
             f"checkpoint: {ckpt} does not fit this model ({detail}); use --resume none with another output_dir."
         ) from e

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 import torch
 
+from m4v.models.loading import config_class
 from m4v.training.config import ModelConfig
 from m4v.training.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
 WAN_CLASS = "M4VWanTransformer"
-
-
-def _config_class(folder: str) -> str | None:
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f).get("_class_name")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def load_pretrained(cls: Any, folder: str, option: str, **kwargs: Any) -> Any:
@@ -46,9 +38,9 @@ def wan_transformer_folder(path: str) -> str:
     """The M4VWanTransformer folder of ``path``: the folder itself or ``path/transformer`` (m4v convert --from-wan)."""
     for folder in (path, os.path.join(path, "transformer")):
         if os.path.isfile(os.path.join(folder, "config.json")):
-            if _config_class(folder) != WAN_CLASS:
+            if config_class(folder) != WAN_CLASS:
                 raise ValueError(
-                    f"model.pretrained: {folder} holds a {_config_class(folder)}, not an {WAN_CLASS} "
+                    f"model.pretrained: {folder} holds a {config_class(folder)}, not an {WAN_CLASS} "
                     "(for the pyramidflow family set model.family: pyramidflow)."
                 )
             return folder
@@ -80,7 +72,7 @@ def build_transformer(cfg: ModelConfig, seed: int) -> Any:
     if cfg.family == "wan":
         return build_wan_transformer(cfg, seed)
     if cfg.pretrained:
-        if _config_class(cfg.pretrained) == WAN_CLASS:
+        if config_class(cfg.pretrained) == WAN_CLASS:
             raise ValueError(f"model.pretrained: {cfg.pretrained} holds an {WAN_CLASS}; set model.family: wan.")
         model = load_pretrained(M4VTransformer, cfg.pretrained, "model.pretrained")
         if cfg.overrides:
