@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5's three speed goals measured in one run on one GPU, then read off by benchmarks/issue5_goals.py.
 #   bash benchmarks/run_issue5_goals.sh OUT_DIR        (repo root; about 15 minutes on an H100: (a) 5.5 with tuning, (b) 2, (c) about 7)
-# first the three Triton ops' tests on the GPU and their host time per call (bench_op_dispatch.py, seconds);
+# first the three Triton ops' tests on the GPU and their host time per call (bench_op_dispatch.py, seconds), and
+# where the SSD op's host time goes (profile_op_host.py, under a minute);
 # (a) bench_ssd.py: our SSD op against fla's chunk_simple_gla and mamba_ssm's mamba_chunk_scan_combined (their
 #     rows say "not importable" unless fla-core and mamba_ssm, built with MAMBA_SKIP_CUDA_BUILD=TRUE, are installed);
 # (b) bench_layers.py: the MM-DiM (+ temporal branch) and attention layers eager, compiled and as CUDA graphs;
@@ -21,6 +22,8 @@ if has tests; then
     tests/test_ops_norm_triton.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
   echo "== host time per op call: eager autograd.Function vs custom op $(date +%T)"
   timeout 120 python3 benchmarks/bench_op_dispatch.py --out "$OUT/op_dispatch.json" 2>&1 | tail -4
+  echo "== SSD op host time: launch costs, cProfile, forward kernels against fla's $(date +%T)"
+  timeout 150 python3 benchmarks/profile_op_host.py --out "$OUT/op_host.json" 2>&1 | grep -v -i warning | tail -40
 fi
 if has a; then
   echo "== (a) SSD op $(date +%T)"

@@ -17,6 +17,8 @@ from m4v.eval.shapes import (
     analyse,
     analyse_video,
     evaluate_shapes_folder,
+    format_flickering,
+    mean_flickering,
     score,
     summarise,
 )
@@ -120,3 +122,18 @@ def test_evaluate_shapes_folder(tmp_path: Path) -> None:
     report = evaluate_shapes_folder(tmp_path, progress=False)
     assert report["num_videos"] == 4 and report["num_scored"] == 3
     assert report["accuracy"]["all"] == 1.0 and [s["file"] for s in report["skipped"]] == ["junk-0.mp4"]
+
+
+def test_one_frame_clips_have_no_flickering_score(tmp_path: Path) -> None:
+    """A clip of one frame has no frame pairs: its flickering is unknown (None), not a perfect 100%."""
+    meta = {"background": "black", "objects": [{"colour": "red", "shape": "circle", "size": "big", "motion": "right"}]}
+    one = render_frames(meta, 64, 64, 9)[:1]
+    result = analyse(one)
+    assert result.temporal_flickering is None and result.objects[0].temporal_flickering is None
+    assert (result.background, result.objects[0].colour) == ("black", "red")  # the frame is still analysed
+    assert mean_flickering([None, None]) is None and format_flickering(None).startswith("n/a")
+    flicker = M.temporal_flickering(render_frames(meta, 64, 64, 9))
+    assert mean_flickering([None, flicker]) == pytest.approx(flicker) and flicker < 1.0
+    write_video(tmp_path / video_filename(canonical_caption(meta), 0), one, fps=8)
+    report = evaluate_shapes_folder(tmp_path, progress=False)
+    assert report["mean_temporal_flickering"] is None and report["per_video"][0]["temporal_flickering"] is None

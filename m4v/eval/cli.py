@@ -72,11 +72,13 @@ def _cmd_vbench(args: argparse.Namespace) -> int:
 
 
 def _format_shapes(report: dict) -> str:
+    from m4v.eval.shapes import format_flickering
+
     lines = [f"Moving-Shapes analysis of {report['num_videos']} video(s) in {report['videos_dir']}"]
     if report["accuracy"]:
         acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["accuracy"].items())
         lines.append(f"accuracy over {report['num_scored']} captioned video(s): {acc}")
-    lines.append(f"mean temporal flickering: {100 * report['mean_temporal_flickering']:.2f}%")
+    lines.append(f"mean temporal flickering: {format_flickering(report['mean_temporal_flickering'])}")
     for s in report["skipped"]:
         lines.append(f"skipped {s['file']}: {s['reason']}")
     for w in report["warnings"]:

@@ -62,7 +62,7 @@ class ObjectReport:
     velocity: tuple[float, float]  # pixels per frame (x, y)
     frames_present: int
     track: list[tuple[float, float] | None] = field(repr=False, default_factory=list)
-    temporal_flickering: float = float("nan")
+    temporal_flickering: float | None = None
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ShapesAnalysis:
 
     background: str
     objects: list[ObjectReport]
-    temporal_flickering: float
+    temporal_flickering: float | None  # None for a clip of one frame (no frame pairs to compare)
 
 
 def _largest_components(mask: np.ndarray) -> np.ndarray:
@@ -250,7 +250,7 @@ def analyse(
     bg_rgb = tuple(palette[bg_index].tolist())
     obj_indices = [k for k in range(len(names)) if kinds[k] == "obj" and tuple(palette[k].tolist()) != bg_rgb]
     nearest = _label_colours(cols, pal64, bg_index, obj_indices, max_distance)[inverse]
-    flicker = temporal_flickering(arr) if num_frames > 1 else 1.0
+    flicker = temporal_flickering(arr) if num_frames > 1 else None
     frame_area = height * width
     found: list[tuple[str, np.ndarray, np.ndarray]] = []  # (colour, components [F, H, W], present [F])
     for k, (name, kind) in enumerate(zip(names, kinds)):
@@ -403,11 +403,22 @@ def evaluate_shapes_folder(videos_dir: str | os.PathLike[str], progress: bool = 
         "num_videos": len(rows),
         "num_scored": len(scores),
         "accuracy": summarise(scores) if scores else {},
-        "mean_temporal_flickering": float(np.mean([r["temporal_flickering"] for r in rows])),
+        "mean_temporal_flickering": mean_flickering(r["temporal_flickering"] for r in rows),
         "per_video": rows,
         "skipped": skipped,
         "warnings": warnings,
     }
+
+
+def mean_flickering(values: Iterable[float | None]) -> float | None:
+    """Mean temporal flickering over the clips that have one (None when every clip is a single frame)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def format_flickering(value: float | None) -> str:
+    """``97.31%``, or ``n/a (one-frame videos)`` where no clip had two frames."""
+    return "n/a (one-frame videos)" if value is None else f"{100 * value:.2f}%"
 
 
 __all__ = [
@@ -418,6 +429,8 @@ __all__ = [
     "analyse",
     "analyse_video",
     "evaluate_shapes_folder",
+    "format_flickering",
+    "mean_flickering",
     "score",
     "summarise",
 ]

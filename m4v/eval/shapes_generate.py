@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from m4v.eval.shapes import analyse, score, summarise
+from m4v.eval.shapes import analyse, format_flickering, mean_flickering, score, summarise
 
 GenerateFn = Callable[[str, int], Any]
 """``generate_fn(prompt, seed)`` -> frames ``[F, H, W, 3]`` (uint8, or float in [0, 1])."""
@@ -48,7 +48,7 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "num_videos": len(rows),
         "accuracy": summarise(r["score"] for r in rows),
-        "mean_temporal_flickering": float(np.mean([r["temporal_flickering"] for r in rows])),
+        "mean_temporal_flickering": mean_flickering(r["temporal_flickering"] for r in rows),
     }
 
 
@@ -399,14 +399,14 @@ def format_report(report: Mapping[str, Any]) -> str:
         head,
         "accuracy: " + ", ".join(f"{k} {100 * acc[k]:.1f}%" for k in HEADLINE)
         + "  (" + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items() if k not in HEADLINE) + ")",
-        f"mean temporal flickering: {100 * report['mean_temporal_flickering']:.2f}%",
+        f"mean temporal flickering: {format_flickering(report['mean_temporal_flickering'])}",
     ]
     for group, table in report["breakdown"].items():
         for key, row in table.items():
             a = row["accuracy"]
             lines.append(
                 f"  {group} {key}: " + ", ".join(f"{k} {100 * a[k]:.0f}%" for k in HEADLINE)
-                + f", flickering {100 * row['mean_temporal_flickering']:.2f}% ({row['num_videos']} videos)"
+                + f", flickering {format_flickering(row['mean_temporal_flickering'])} ({row['num_videos']} videos)"
             )
     if report.get("videos_dir"):
         lines.append(f"videos in {report['videos_dir']} ({report['generated']} generated, {report['reused']} reused)")
