@@ -404,3 +404,15 @@ def test_gpu_bf16_full_shape(l, h, g, n):
 def test_gpu_fp32_matches_float64():
     """float32 inputs use exact fp32 dots: agreement with float64 to 1e-4 at a multi-chunk size."""
     check_case(2, 700, 8, 2, 64, 64, 128, seed=5, tol=1e-4)
+
+
+def test_inference_calls_skip_autograd_and_match(tuning):
+    """Under no_grad the op runs its forward without the autograd.Function: same output and final state."""
+    tuning["min_programs"] = 1
+    a = make_inputs(1, 40, 2, 1, 16, 16, seed=11)
+    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in a.items()}
+    y0, f0 = ssd_triton(**leaves, dt_softplus=True, chunk_size=16, return_final_state=True)
+    with torch.no_grad():
+        y1, f1 = ssd_triton(**a, dt_softplus=True, chunk_size=16, return_final_state=True)
+    assert y0.grad_fn is not None and y1.grad_fn is None
+    assert torch.equal(y0.detach(), y1) and torch.equal(f0.detach(), f1)

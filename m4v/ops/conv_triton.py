@@ -13,7 +13,6 @@ shorter kernels are zero-padded on the oldest side. The backward recomputes the 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ import triton
 import triton.language as tl
 
 from m4v.ops import eager
+from m4v.ops.triton_host import cdiv, interpreting, next_pow2
 
 TAPS = 4  # kernel width the Triton kernels are written for (Mamba2's d_conv)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -274,10 +274,6 @@ def _conv_bwd_kernel(
     tl.store(db_ptr + part * D + offs_d, tl.reduce(db, 0, _SUM), mask=dmask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -288,17 +284,17 @@ def _layout(cfg: dict[str, int], b: int, L: int, D: int, device: torch.device) -
     Rows per stream (a multiple of 4) are chosen so that about programs_per_sm programs per multiprocessor
     cover the input, within [min_rows, max_rows]; every stream re-reads 3 rows of each neighbour's (L2 hits).
     """
-    bd = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(D)))
+    bd = min(cfg["BLOCK_D"], max(16, next_pow2(D)))
     bs = cfg["BLOCK_S"]
-    n_d = triton.cdiv(D, bd)
+    n_d = cdiv(D, bd)
     target = cfg["programs_per_sm"]  # per multiprocessor; the interpreter counts as one
     if device.type == "cuda":
         target *= torch.cuda.get_device_properties(device).multi_processor_count
-    groups = max(1, triton.cdiv(target, n_d * b))
-    rows = min(cfg["max_rows"], max(cfg["min_rows"], 4, triton.cdiv(L, groups * bs)), 4 * triton.cdiv(L, 4))
-    quads = triton.cdiv(rows, 4)
-    bs = min(bs, max(1, triton.next_power_of_2(triton.cdiv(L, 4 * quads))))
-    return bs, bd, quads, triton.cdiv(L, 4 * quads * bs)
+    groups = max(1, cdiv(target, n_d * b))
+    rows = min(cfg["max_rows"], max(cfg["min_rows"], 4, cdiv(L, groups * bs)), 4 * cdiv(L, 4))
+    quads = cdiv(rows, 4)
+    bs = min(bs, max(1, next_pow2(cdiv(L, 4 * quads))))
+    return bs, bd, quads, cdiv(L, 4 * quads * bs)
 
 
 def _aligned_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -329,7 +325,7 @@ def _conv_forward(
     bs, bd, quads, groups = _layout(FWD_CONFIG, b, L, D, x.device)
     m, smb = _mask_arg(mask, x)
     sxb, sxl, xa = _aligned_strides(x)
-    _conv_fwd_kernel[(triton.cdiv(D, bd), groups, b)](
+    _conv_fwd_kernel[(cdiv(D, bd), groups, b)](
         x, w4, x if bias is None else bias, m, out, L, D, quads,
         sxb, sxl, smb, out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, ACC=_acc_dtype(x.dtype), XA=xa,
@@ -361,7 +357,7 @@ def _conv_backward(
     m, smb = _mask_arg(mask, x)
     sxb, sxl, xa = _aligned_strides(x)
     sgb, sgl, ga = _aligned_strides(dout)
-    _conv_bwd_kernel[(triton.cdiv(D, bd), groups, b)](
+    _conv_bwd_kernel[(cdiv(D, bd), groups, b)](
         x, w4, x if bias is None else bias, m, dout, dx, dw_part, db_part, L, D, quads,
         sxb, sxl, smb, sgb, sgl, dx.stride(0), dx.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, ACC=_acc_dtype(x.dtype), XA=xa, GA=ga,
@@ -444,7 +440,7 @@ def causal_conv1d_triton(
         raise ValueError(f"activation must be None or 'silu', got {activation!r}.")
     if seq_mask is not None and seq_mask.shape != x.shape[:2]:
         raise ValueError(f"seq_mask must have shape [{x.shape[0]}, {x.shape[1]}], got {tuple(seq_mask.shape)}.")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise ValueError("x must be a CUDA tensor for the Triton conv (or set TRITON_INTERPRET=1 to run on CPU).")
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -10,13 +10,13 @@ writes per-chunk partial weight gradients that torch sums (deterministic, no ato
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from m4v.ops import eager
+from m4v.ops.triton_host import cdiv, interpreting, next_pow2
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # elements per tile (rows x padded group); warps follow from it. programs_per_sm sizes the backward's chunks.
@@ -140,10 +140,6 @@ def _gnorm_bwd_kernel(
     tl.store(dw_ptr + pid_c * D + col0 + cols, tl.reduce(dw, 0, _SUM), mask=cols < G)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _acc(dtype: torch.dtype) -> tuple[tl.dtype, torch.dtype]:
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -158,10 +154,10 @@ def _split(stride: int, elem: int) -> tuple[int, int]:
 
 def _tile(cfg: dict[str, int], group: int) -> tuple[int, int, int]:
     """(rows, padded group, warps) of a tile holding about cfg["elements"] values."""
-    bg = triton.next_power_of_2(group)
+    bg = next_pow2(group)
     elems = max(bg, cfg["elements"])
     warps = min(16, max(4, elems // cfg["elements_per_warp"]))
-    if _interpreting():
+    if interpreting():
         warps = 4
     return elems // bg, bg, warps
 
@@ -180,7 +176,7 @@ def _forward(y2: torch.Tensor, z2: torch.Tensor, weight: torch.Tensor, group: in
     br, bg, warps = _tile(FWD_CONFIG, group)
     sy, ya = _split(y2.stride(0), y2.element_size())
     sz, za = _split(z2.stride(0), z2.element_size())
-    _gnorm_fwd_kernel[(triton.cdiv(R, br), D // group)](
+    _gnorm_fwd_kernel[(cdiv(R, br), D // group)](
         y2, z2, weight, out, R, group, sy, sz, out.stride(0), eps,
         YA=ya, ZA=za, ACC=_acc(y2.dtype)[0], BLOCK_R=br, BLOCK_G=bg, num_warps=warps,
     )  # fmt: skip
@@ -200,13 +196,13 @@ def _backward(
         dout = dout.contiguous()
     br, bg, warps = _tile(BWD_CONFIG, group)
     n_groups = D // group
-    n_blocks = triton.cdiv(R, br)
+    n_blocks = cdiv(R, br)
     target = BWD_CONFIG["programs_per_sm"]  # per multiprocessor; the interpreter counts as one
     if y2.is_cuda:
         target *= torch.cuda.get_device_properties(y2.device).multi_processor_count
-    n_chunks = max(1, min(n_blocks, triton.cdiv(target, n_groups)))
-    n_iter = triton.cdiv(n_blocks, n_chunks)
-    n_chunks = triton.cdiv(n_blocks, n_iter)
+    n_chunks = max(1, min(n_blocks, cdiv(target, n_groups)))
+    n_iter = cdiv(n_blocks, n_chunks)
+    n_chunks = cdiv(n_blocks, n_iter)
     dw_part = torch.empty(n_chunks, D, device=y2.device, dtype=acc_torch)
     sy, ya = _split(y2.stride(0), y2.element_size())
     sz, za = _split(z2.stride(0), z2.element_size())
@@ -280,7 +276,7 @@ def gated_rms_norm(
         raise ValueError(f"group_size must be a positive divisor of the channel count {d}, got {group_size!r}.")
     if y.dtype not in SUPPORTED_DTYPES or z.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"y and z must be bfloat16, float16, float32 or float64, got {y.dtype} and {z.dtype}.")
-    if not (y.is_cuda or _interpreting()):
+    if not (y.is_cuda or interpreting()):
         raise ValueError("y must be a CUDA tensor for the Triton norm (or set TRITON_INTERPRET=1 to run on CPU).")
     args = (_rows2d(y), _rows2d(z), weight.contiguous(), group_size, float(eps))
     return eager.call(_norm_fwd_op, _norm_eager, *args).view(y.shape)

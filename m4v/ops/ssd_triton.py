@@ -113,9 +113,8 @@ def _backward(
     dC, qv = launch.bwd_rows(x, B, C, dy, dtp, acum, states, q)
     ddt_raw, dA = launch.dt_backward(dt, dt_bias, A, dt_softplus, dtp, cols, qv, e, q)
     d_bias = ddt_raw.sum((0, 1)) if dt_bias is not None else None
-    dD = cols.dd
-    if dD is not None and D is not None and D.dim() == 1:
-        dD = dD.sum(-1)
+    blocks = cols.dd_blocks  # per-block partial dD [b, blocks, h, p]; a D of [h] also sums over p, in one reduction
+    dD = None if blocks is None or D is None else blocks.sum((0, 1, 3) if D.dim() == 1 else (0, 1))
     grads = (cols.dx, ddt_raw, dA, cols.db, dC, dD if D is not None else None, dz, d_bias, dinit if has_init else None)
     return tuple(x.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
 
@@ -155,7 +154,7 @@ def _ssd_backward(ctx, dout, dfinal, *_unused, backward=_ssd_bwd):  # type: igno
     grads = backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dtp, acum, states, ypre, dt_softplus, q, has_init)
     dx, ddt, dA, dB, dC, dD, dz, d_bias, dinit = (_maybe(g) for g in grads)
     t_dt, t_A, t_B, t_C, t_D, t_bias = ctx.dtypes
-    cast = lambda g, dt_: None if g is None else g.to(dt_)  # noqa: E731
+    cast = lambda g, dt_: g if g is None or g.dtype == dt_ else g.to(dt_)  # noqa: E731
     return (dx, cast(ddt, t_dt), cast(dA, t_A), cast(dB, t_B), cast(dC, t_C), cast(dD, t_D), dz,
             cast(d_bias, t_bias), dinit, None, None, None)
 
@@ -208,6 +207,14 @@ def _check(
         raise ValueError(f"chunk_size must be a power of two >= 16 for the triton SSD backend, got {chunk_size}.")
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` contiguous (and of ``dtype``), without a torch call when it already is (host time per call)."""
+    if t.is_contiguous() and (dtype is None or t.dtype == dtype):
+        return t
+    t = t.contiguous()
+    return t if dtype is None else t.to(dtype)
+
+
 def ssd_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -224,11 +231,10 @@ def ssd_triton(
 ) -> SSDOutput:
     """Chunked SSD scan in Triton; arguments and result as :func:`m4v.ops.ssd` (final state fp32)."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size)
-    # strided views (slices of the fused in_proj output) crashed a kernel on the H100: pass dense tensors
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
-    z = z.contiguous() if z is not None else None
+    # strided views (slices of the fused in_proj output) crashed a kernel on the H100: pass dense tensors.
     # B and C enter the kernels in x's dtype; their gradients come back in their own dtypes (autograd of .to)
-    B, C = B.to(x.dtype), C.to(x.dtype)
+    x, dt, B, C = _dense(x), _dense(dt), _dense(B, x.dtype), _dense(C, x.dtype)
+    z = _dense(z) if z is not None else None
     args = (x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, return_final_state)
     y, final_state, *_ = eager.call(_ssd_fwd, _ssd_eager, *args)
     return (y, final_state) if return_final_state else y

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import triton
 
+from m4v.ops.triton_host import cdiv, interpreting, next_pow2
 from m4v.ops.triton_ssd.chunk_scan import chunk_scan_fwd_kernel
 from m4v.ops.triton_ssd.chunk_scan_bwd import bwd_cols_kernel, bwd_rows_kernel, gate_bwd_kernel
 from m4v.ops.triton_ssd.chunk_state import chunk_state_kernel
@@ -66,13 +67,8 @@ _TUNED: dict[tuple, Config] = {}
 TUNE_LOG: dict[tuple, list[tuple[Config, float]]] = {}  # every timing taken by the tuner (ms; inf: failed)
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels decorated then run on CPU tensors through numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pow2(v: int) -> int:
-    return max(16, triton.next_power_of_2(v))
+    return max(16, next_pow2(v))
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -193,7 +189,7 @@ def chunk_states(
 
 
 def _state_block(pn: int) -> int:
-    return min(256, triton.next_power_of_2(pn))
+    return min(256, next_pow2(pn))
 
 
 def state_forward(states: torch.Tensor, acum: torch.Tensor, init: torch.Tensor | None, q: int) -> None:
@@ -202,7 +198,7 @@ def state_forward(states: torch.Tensor, acum: torch.Tensor, init: torch.Tensor |
     pn = p * n
     block = _state_block(pn)
     init_t = init if init is not None else states
-    state_fwd_kernel[(triton.cdiv(pn, block), b * h)](
+    state_fwd_kernel[(cdiv(pn, block), b * h)](
         states, acum, init_t, h, pn, acum.shape[2], slots - 1, states.stride(0), states.stride(1), states.stride(2),
         HAS_INIT=init is not None, Q=q, BLOCK=block,
     )  # fmt: skip
@@ -219,7 +215,7 @@ def state_backward(
     b, nc, h, p, n = dstates.shape
     pn = p * n
     block = _state_block(pn)
-    nblk = triton.cdiv(pn, block)
+    nblk = cdiv(pn, block)
     e = torch.empty(b * h, nc + 8, nblk, device=dstates.device, dtype=torch.float32)  # 8 pad slots in front
     dinit = torch.empty(b, h, p, n, device=dstates.device, dtype=torch.float32) if want_dinit else None
     state_bwd_kernel[(nblk, b * h)](
@@ -266,16 +262,22 @@ def gate_backward(dout: torch.Tensor, z: torch.Tensor, ypre: torch.Tensor) -> tu
     dz = torch.empty_like(zc)
     numel = dout.numel()
     block = 1024
-    gate_bwd_kernel[(triton.cdiv(numel, block),)](dout, zc, ypre, dy, dz, numel, BLOCK=block)
+    gate_bwd_kernel[(cdiv(numel, block),)](dout, zc, ypre, dy, dz, numel, BLOCK=block)
     return dy, dz
 
 
 class ColsGrads:
     """Outputs of the column-side backward kernel (see chunk_scan_bwd.py)."""
 
-    def __init__(self, dx: torch.Tensor, ddt: torch.Tensor, db: torch.Tensor, dd: torch.Tensor | None,
+    def __init__(self, dx: torch.Tensor, ddt: torch.Tensor, db: torch.Tensor, dd_blocks: torch.Tensor | None,
                  cs: torch.Tensor, rs: torch.Tensor, part: torch.Tensor) -> None:  # fmt: skip
-        self.dx, self.ddt, self.db, self.dd, self.cs, self.rs, self.part = dx, ddt, db, dd, cs, rs, part
+        self.dx, self.ddt, self.db, self.cs, self.rs, self.part = dx, ddt, db, cs, rs, part
+        self.dd_blocks = dd_blocks  # per-block partial D gradients [b, nc * key blocks, h, p]; sum for dD
+
+    @property
+    def dd(self) -> torch.Tensor | None:
+        """dD fp32 [h, p] (None without D)."""
+        return None if self.dd_blocks is None else self.dd_blocks.sum((0, 1))
 
 
 def bwd_cols(
@@ -316,7 +318,7 @@ def bwd_cols(
     cfg = _pick("cols", (p, n, x.dtype, hpg, ns, D is not None, l > 8192), _BWD_CFGS, q, run, x.numel())
     rs, dd = run(cfg)
     db_sum = db[0] if ns == 1 else db.sum(0)
-    return ColsGrads(dx, ddt, db_sum, dd.sum((0, 1)) if dd is not None else None, cs, rs, part)
+    return ColsGrads(dx, ddt, db_sum, dd, cs, rs, part)
 
 
 def bwd_rows(
