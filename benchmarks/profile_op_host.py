@@ -4,7 +4,8 @@ At 3968 tokens the SSD forward is launch-bound and at 15488 tokens its kernels a
 host time shows in the measured forward. This prints, on a CUDA machine:
   - calibration: host microseconds of an empty torch op, a small torch kernel and a Triton launch of 1 and of 40
     arguments (launches back to back, one synchronisation at the end);
-  - the host time per eager call of the SSD forward (no grad) and forward+backward, and a cProfile of each
+  - the host time per eager call of the SSD forward (no grad) and forward+backward, with the kernels launched
+    through m4v.ops.triton_host.CachedLaunch and through JITFunction.run at every call, and a cProfile of each
     (functions by their own time);
   - the GPU time of each kernel of the forward at --kernel-tokens (torch.profiler), against fla's forward.
     PYTHONPATH=. python benchmarks/profile_op_host.py --out benchmarks/results/op_host_h100.json
@@ -162,7 +163,12 @@ def main() -> None:
             for t in leaves.values():
                 t.grad = None
 
-        row = {"tokens": l, "fwd_wall_us": per_call_us(fwd), "fwd_launch_us": launch_only_us(fwd),
+        from m4v.ops import triton_host
+
+        triton_host.FAST_LAUNCH["enabled"] = False  # every launch through JITFunction.run, as before CachedLaunch
+        plain = {"fwd_wall_plain_launch_us": per_call_us(fwd), "fwdbwd_wall_plain_launch_us": per_call_us(fwd_bwd)}
+        triton_host.FAST_LAUNCH["enabled"] = True
+        row = {"tokens": l, **plain, "fwd_wall_us": per_call_us(fwd), "fwd_launch_us": launch_only_us(fwd),
                "fwdbwd_wall_us": per_call_us(fwd_bwd), "fwdbwd_launch_us": launch_only_us(fwd_bwd),
                "fwd_cprofile": cprofile_text(fwd, args.calls, args.top),
                "fwdbwd_cprofile": cprofile_text(fwd_bwd, args.calls, args.top)}  # fmt: skip

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from m4v.ops import eager
-from m4v.ops.triton_host import cdiv, interpreting, next_pow2
+from m4v.ops.triton_host import cached_launch, cdiv, interpreting, next_pow2
 
 TAPS = 4  # kernel width the Triton kernels are written for (Mamba2's d_conv)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -274,6 +274,11 @@ def _conv_bwd_kernel(
     tl.store(db_ptr + part * D + offs_d, tl.reduce(db, 0, _SUM), mask=dmask)
 
 
+# launched through their compiled kernels after the first call of each signature (m4v.ops.triton_host)
+_conv_fwd_launch = cached_launch(_conv_fwd_kernel)
+_conv_bwd_launch = cached_launch(_conv_bwd_kernel)
+
+
 def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -325,7 +330,7 @@ def _conv_forward(
     bs, bd, quads, groups = _layout(FWD_CONFIG, b, L, D, x.device)
     m, smb = _mask_arg(mask, x)
     sxb, sxl, xa = _aligned_strides(x)
-    _conv_fwd_kernel[(cdiv(D, bd), groups, b)](
+    _conv_fwd_launch[(cdiv(D, bd), groups, b)](
         x, w4, x if bias is None else bias, m, out, L, D, quads,
         sxb, sxl, smb, out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, ACC=_acc_dtype(x.dtype), XA=xa,
@@ -357,7 +362,7 @@ def _conv_backward(
     m, smb = _mask_arg(mask, x)
     sxb, sxl, xa = _aligned_strides(x)
     sgb, sgl, ga = _aligned_strides(dout)
-    _conv_bwd_kernel[(cdiv(D, bd), groups, b)](
+    _conv_bwd_launch[(cdiv(D, bd), groups, b)](
         x, w4, x if bias is None else bias, m, dout, dx, dw_part, db_part, L, D, quads,
         sxb, sxl, smb, sgb, sgl, dx.stride(0), dx.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, ACC=_acc_dtype(x.dtype), XA=xa, GA=ga,

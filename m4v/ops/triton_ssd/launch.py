@@ -16,12 +16,23 @@ from collections.abc import Callable
 import torch
 import triton
 
-from m4v.ops.triton_host import cdiv, interpreting, next_pow2
+from m4v.ops.triton_host import cached_launch, cdiv, interpreting, next_pow2
 from m4v.ops.triton_ssd.chunk_scan import chunk_scan_fwd_kernel
 from m4v.ops.triton_ssd.chunk_scan_bwd import bwd_cols_kernel, bwd_rows_kernel, gate_bwd_kernel
 from m4v.ops.triton_ssd.chunk_state import chunk_state_kernel
 from m4v.ops.triton_ssd.dt_kernels import dt_bwd_kernel, dt_fwd_kernel
 from m4v.ops.triton_ssd.state_passing import state_bwd_kernel, state_fwd_kernel
+
+# launched through their compiled kernels after the first call of each signature (m4v.ops.triton_host)
+_chunk_scan_fwd_kernel = cached_launch(chunk_scan_fwd_kernel)
+_bwd_cols_kernel = cached_launch(bwd_cols_kernel)
+_bwd_rows_kernel = cached_launch(bwd_rows_kernel)
+_gate_bwd_kernel = cached_launch(gate_bwd_kernel)
+_chunk_state_kernel = cached_launch(chunk_state_kernel)
+_dt_bwd_kernel = cached_launch(dt_bwd_kernel)
+_dt_fwd_kernel = cached_launch(dt_fwd_kernel)
+_state_bwd_kernel = cached_launch(state_bwd_kernel)
+_state_fwd_kernel = cached_launch(state_fwd_kernel)
 
 Config = dict[str, int]
 
@@ -161,7 +172,7 @@ def dt_forward(
     dtp = torch.empty(b, h, lp, device=dt.device, dtype=torch.float32)
     acum = torch.empty_like(dtp)
     bias = dt_bias if dt_bias is not None else A
-    dt_fwd_kernel[(nc, b * h)](
+    _dt_fwd_kernel[(nc, b * h)](
         dt, bias, A, dtp, acum, l, h, lp, *dt.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, Q=q,
     )  # fmt: skip
@@ -178,7 +189,7 @@ def chunk_states(
     bp, bk = _pow2(p), _pow2(n)
 
     def run(cfg: Config) -> None:
-        chunk_state_kernel[(nc, b * h, 1)](
+        _chunk_state_kernel[(nc, b * h, 1)](
             u, v, dtp, acum, out, l, h, h // g, p, n, dtp.shape[2],
             *u.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(2),
             MODE=mode, Q=q, BK=cfg["BK"], BP=bp, BN=bk, PREC=_prec(u.dtype), **_launch_opts(cfg),
@@ -198,7 +209,7 @@ def state_forward(states: torch.Tensor, acum: torch.Tensor, init: torch.Tensor |
     pn = p * n
     block = _state_block(pn)
     init_t = init if init is not None else states
-    state_fwd_kernel[(cdiv(pn, block), b * h)](
+    _state_fwd_kernel[(cdiv(pn, block), b * h)](
         states, acum, init_t, h, pn, acum.shape[2], slots - 1, states.stride(0), states.stride(1), states.stride(2),
         HAS_INIT=init is not None, Q=q, BLOCK=block,
     )  # fmt: skip
@@ -218,7 +229,7 @@ def state_backward(
     nblk = cdiv(pn, block)
     e = torch.empty(b * h, nc + 8, nblk, device=dstates.device, dtype=torch.float32)  # 8 pad slots in front
     dinit = torch.empty(b, h, p, n, device=dstates.device, dtype=torch.float32) if want_dinit else None
-    state_bwd_kernel[(nblk, b * h)](
+    _state_bwd_kernel[(nblk, b * h)](
         dstates, states, acum, dfinal if dfinal is not None else dstates, dinit if dinit is not None else dstates,
         e, h, pn, acum.shape[2], nc, nblk, states.stride(0), states.stride(1), states.stride(2),
         dstates.stride(0), dstates.stride(1), dstates.stride(2),
@@ -241,7 +252,7 @@ def chunk_scan_forward(
     dd = D if D is not None else x
 
     def run(cfg: Config) -> None:
-        chunk_scan_fwd_kernel[(q // cfg["BM"], nc, b * h)](
+        _chunk_scan_fwd_kernel[(q // cfg["BM"], nc, b * h)](
             x, zz, B, C, dtp, acum, states, dd, out, ypre if ypre is not None else out,
             l, h, h // g, p, n, dtp.shape[2],
             *x.stride(), *zz.stride(), *B.stride(), *C.stride(), states.stride(0), states.stride(1), states.stride(2),
@@ -262,7 +273,7 @@ def gate_backward(dout: torch.Tensor, z: torch.Tensor, ypre: torch.Tensor) -> tu
     dz = torch.empty_like(zc)
     numel = dout.numel()
     block = 1024
-    gate_bwd_kernel[(cdiv(numel, block),)](dout, zc, ypre, dy, dz, numel, BLOCK=block)
+    _gate_bwd_kernel[(cdiv(numel, block),)](dout, zc, ypre, dy, dz, numel, BLOCK=block)
     return dy, dz
 
 
@@ -305,7 +316,7 @@ def bwd_cols(
         njb = q // cfg["BN"]
         rs = torch.empty(b * h * nc, njb, q, device=dev, dtype=f32)
         dd = torch.empty(b, nc * njb, h, p, device=dev, dtype=f32) if D is not None else None
-        bwd_cols_kernel[(njb, nc, b * g * ns)](
+        _bwd_cols_kernel[(njb, nc, b * g * ns)](
             x, B, C, dy, dtp, acum, dstates, d_arg, dx, ddt, db, dd if dd is not None else ddt, cs, rs, part,
             l, h, hpg, p, n, lp, ns,
             *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
@@ -336,7 +347,7 @@ def bwd_rows(
     qv = torch.empty(b, h, lp, device=x.device, dtype=torch.float32)
 
     def run(cfg: Config) -> None:
-        bwd_rows_kernel[(q // cfg["BM"], nc, b * g * ns)](
+        _bwd_rows_kernel[(q // cfg["BM"], nc, b * g * ns)](
             x, B, C, dy, dtp, acum, states, dc, qv,
             l, h, hpg, p, n, lp, ns,
             *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
@@ -360,7 +371,7 @@ def dt_backward(
     ddt_raw = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
     da = torch.empty(b, h, nc, device=dt.device, dtype=torch.float32)
     bias = dt_bias if dt_bias is not None else A
-    dt_bwd_kernel[(nc, b * h)](
+    _dt_bwd_kernel[(nc, b * h)](
         dt, bias, A, dtp, cols.ddt, cols.rs, cols.cs, qv, cols.part, e.contiguous(), ddt_raw, da,
         l, h, lp, nc, cols.rs.shape[1], *dt.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, Q=q,
