@@ -110,3 +110,53 @@ def test_plain_path_when_off_interpreted_or_defaulted(monkeypatch) -> None:  # n
     for _ in range(2):
         launch[(1,)](x, 3)
     assert kinds(partial.log) == ["jit", "jit"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled kernels)")
+def test_cached_launches_equal_plain_launches_on_gpu(monkeypatch) -> None:  # noqa: ANN001
+    """On the GPU, repeated calls of the three ops launch the cached compiled kernels (no JITFunction.run after
+    the first call) and give the plain launches' outputs and gradients bit for bit."""
+    from m4v.ops import conv_triton, norm_triton
+    from m4v.ops.conv_triton import causal_conv1d_triton
+    from m4v.ops.norm_triton import gated_rms_norm
+    from m4v.ops.ssd_triton import ssd_triton
+    from m4v.ops.triton_ssd import launch
+
+    launchers = [v for m in (launch, conv_triton, norm_triton) for v in vars(m).values() if isinstance(v, CachedLaunch)]
+    assert len(launchers) == 13
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    l, h, p, n, d = 1000, 4, 64, 64, 4 * 64
+
+    def rnd(*shape: int, dtype: torch.dtype = bf, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=dev) * scale).to(dtype)
+
+    f32 = torch.float32
+    ssd_in = [rnd(1, l, h, p), rnd(1, l, h, scale=0.5), -torch.rand(h, device=dev) - 0.5, rnd(1, l, h, n),
+              rnd(1, l, h, n), rnd(h, dtype=f32), rnd(1, l, h, p), rnd(h, dtype=f32, scale=0.1)]  # fmt: skip
+    conv_in = [rnd(2, l, d), rnd(d, 4, dtype=torch.float32), rnd(d, dtype=torch.float32)]
+    norm_in = [rnd(2, l, d), rnd(2, l, d), rnd(d, dtype=torch.float32)]
+    calls = {
+        "ssd": (ssd_in, lambda x, dt, A, B, C, D, z, bias: ssd_triton(x, dt, A, B, C, D=D, z=z, dt_bias=bias,
+                                                                     dt_softplus=True, chunk_size=256)),  # fmt: skip
+        "conv": (conv_in, lambda x, w, b: causal_conv1d_triton(x, w, b, "silu")),
+        "norm": (norm_in, lambda y, z, w: gated_rms_norm(y, z, w, 64)),
+    }
+
+    def run(inputs: list[torch.Tensor], fn) -> list[torch.Tensor]:  # noqa: ANN001
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    for name, (inputs, fn) in calls.items():
+        monkeypatch.setitem(triton_host.FAST_LAUNCH, "enabled", False)
+        want = run(inputs, fn)
+        monkeypatch.setitem(triton_host.FAST_LAUNCH, "enabled", True)
+        run(inputs, fn)  # first call of each signature: through JITFunction.run
+        before = sum(k.plain_calls for k in launchers)
+        for _ in range(2):
+            got = run(inputs, fn)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), name
+        assert sum(k.plain_calls for k in launchers) == before, name  # every launch went through the cache
