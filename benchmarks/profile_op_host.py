@@ -167,7 +167,7 @@ def main() -> None:
 
         triton_host.FAST_LAUNCH["enabled"] = False  # every launch through JITFunction.run, as before CachedLaunch
         plain = {"fwd_wall_plain_launch_us": per_call_us(fwd), "fwdbwd_wall_plain_launch_us": per_call_us(fwd_bwd)}
-        triton_host.FAST_LAUNCH["enabled"] = True
+        triton_host.FAST_LAUNCH["enabled"] = True  # the cached launches (off by default for now)
         row = {"tokens": l, **plain, "fwd_wall_us": per_call_us(fwd), "fwd_launch_us": launch_only_us(fwd),
                "fwdbwd_wall_us": per_call_us(fwd_bwd), "fwdbwd_launch_us": launch_only_us(fwd_bwd),
                "fwd_cprofile": cprofile_text(fwd, args.calls, args.top),

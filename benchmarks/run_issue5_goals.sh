@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if has tests; then
   echo "== kernel tests on the GPU $(date +%T)"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_ops_ssd_triton.py tests/test_ops_conv_triton.py \
-    tests/test_ops_norm_triton.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    tests/test_ops_norm_triton.py tests/test_ops_eager.py tests/test_ops_triton_host.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 fi
 if has a; then
   echo "== (a) SSD op $(date +%T)"

@@ -37,7 +37,9 @@ def next_pow2(n: int) -> int:
 # cached launches
 # ----------------------------------------------------------------------------------------------
 
-FAST_LAUNCH: dict[str, bool] = {"enabled": os.environ.get("M4V_TRITON_FAST_LAUNCH", "1") != "0"}
+# Off by default until tests/test_ops_triton_host.py's GPU test and profile_op_host.py have run on a GPU with it
+# (docs/performance.md, "Cached launches"); M4V_TRITON_FAST_LAUNCH=1 turns it on.
+FAST_LAUNCH: dict[str, bool] = {"enabled": os.environ.get("M4V_TRITON_FAST_LAUNCH", "0") == "1"}
 _MAX_ENTRIES = 4096
 _LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages"})  # compile options, not kernel parameters
 
@@ -53,7 +55,7 @@ class CachedLaunch:
     Triton's own specialisation key: every integer / float / bool / None argument by value, every tensor by dtype,
     16-byte alignment of its address and device, the keyword arguments (constexprs, num_warps, num_stages) and the
     grid. Interpreted kernels (TRITON_INTERPRET=1) and Triton builds without ``CompiledKernel[grid]`` always take
-    the plain path; so does everything when ``M4V_TRITON_FAST_LAUNCH=0``.
+    the plain path; so does everything unless ``FAST_LAUNCH["enabled"]`` (env ``M4V_TRITON_FAST_LAUNCH=1``).
     """
 
     def __init__(self, kernel: Any) -> None:
