@@ -4,7 +4,7 @@ model (docs/model_card.md) replaced it; still handy as a small, fast model for s
 Usage: python scripts/make_random_default_model.py OUT_DIR
 """
 
-import sys
+import argparse
 
 import torch
 
@@ -26,4 +26,6 @@ def main(out: str = "runs/tiny_random") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default="runs/tiny_random", help="output folder (default runs/tiny_random)")
+    main(ap.parse_args().out)

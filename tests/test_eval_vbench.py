@@ -216,3 +216,18 @@ def test_single_frame_videos_give_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "at least 2 frames" in err and len(err.strip().splitlines()) == 1
     assert not plot.exists()
+
+
+def test_subsets_without_a_vbench_prompt_say_so(tmp_path, capsys):
+    """--subsets on videos whose prompts are in no VBench list: the error names that, not the frame count."""
+    import numpy as np
+
+    from m4v.cli import main
+    from m4v.io.video import write_video
+
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "my own prompt-0.mp4", rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8))
+    assert main(["eval", "vbench", "--videos", str(tmp_path), "--subsets", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--subsets" in err and "VBench prompt list" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "vbench", "--videos", str(tmp_path), "--no-progress", "--json"]) == 0  # scored without it

@@ -141,6 +141,10 @@ def test_prepare_leaves_nothing_behind_on_failure(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(shards, "prepare_geometry", interrupted)
     code, err = exit_code(["prepare", "--data", "moving_shapes", "--out", str(tmp_path / "p3"), *args], capsys)
     assert code == 130 and not (tmp_path / "p3").exists()
+    # --set overrides --config values: without a config it would be ignored silently, so it is refused
+    code, err = exit_code(["prepare", "--data", "moving_shapes", "--out", str(tmp_path / "p4"), *args, "--set",
+                           "data.moving_shapes.num_samples=4"], capsys)  # fmt: skip
+    assert code == 2 and "--set" in err and "--config" in err and not (tmp_path / "p4").exists()
 
 
 def test_prepare_refuses_to_mix_encoders(tmp_path, capsys):

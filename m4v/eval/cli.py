@@ -59,9 +59,21 @@ def _cmd_vbench(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if not report["dimensions"]:
+        rows, n = report["per_video"], report["num_videos"]
+        if args.subsets and not any(r["scores"] or r["errors"] for r in rows):
+            raise ValueError(
+                f"--subsets: none of the {n} video(s) in {args.videos} has a prompt of a VBench prompt list, so no "
+                "dimension applies (name the videos as `m4v sample` does, or leave out --subsets)"
+            )
+        if all(r["frames"] < 2 for r in rows):
+            raise ValueError(
+                f"no dimension could be computed for the {n} video(s) in {args.videos}: "
+                "every metric needs at least 2 frames per video"
+            )
+        errors = sorted({e for r in rows for e in r["errors"].values()})
         raise ValueError(
-            f"no dimension could be computed for the {report['num_videos']} video(s) in {args.videos}: "
-            "every metric needs at least 2 frames per video"
+            f"no dimension could be computed for the {n} video(s) in {args.videos}"
+            + (f": {errors[0]}" if errors else "")
         )
     if args.out:
         write_json(report, args.out)
@@ -223,7 +235,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device", help="--model: torch device (default cpu)")
     s.add_argument("--dtype", help="--model: float32 (default), bfloat16 or float16 transformer weights")
     s.add_argument("--videos-out", metavar="DIR", help="--model: keep the videos here as CAPTION-SEED.mp4 (resumable)")
-    s.add_argument("--limit", type=int, metavar="N", help="--model: only N prompts, spread evenly over the list")
+    s.add_argument(
+        "--limit", type=int, metavar="N", help="--model: only N prompts, a fixed mix (first N of a seeded shuffle)"
+    )
     s.add_argument("--batch-size", type=int, metavar="N",
                    help="--model: videos generated together per pipeline call (default 1; same videos for any N)")
     s.add_argument("--frames-out", metavar="FILE.npz", help="--model: only generate; save the frames here")

@@ -91,6 +91,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from m4v.training.stop import sigterm_as_interrupt
     from m4v.training.text import load_text_encoder_spec
 
+    if args.set and not args.config:
+        raise ValueError("--set: overrides values of --config; give the config it applies to.")
     cfg: TrainConfig | None = load_config(args.config, _overrides(args.set)) if args.config else None
     data = cfg.data if cfg is not None else from_dict(DataConfig, {}, "data")
     data.source = args.data
@@ -212,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="moving_shapes, a folder, a .csv or a .jsonl")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="training YAML: its stage geometries, vae, text_encoder and data options")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a --config value")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--num-frames", type=int)
