@@ -241,8 +241,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     def generate(prompt: str, seed: int):  # noqa: ANN202 - frames [F, H, W, 3] in [0, 1]
         return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames[0]
 
+    names = ("model", "seed", "frames", "height", "width", "steps", "video_steps", "guidance", "video_guidance",
+             "self_quality_guidance", "sqg_start_frame", "negative_prompt", "dtype", "fps")  # fmt: skip
+    settings = {n: getattr(args, n) for n in names}
+    settings["model"] = os.path.abspath(args.model) if args.model else "shipped"
     try:
-        written = sample_prompts(generate, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, fps=args.fps)
+        written = sample_prompts(generate, prompts, args.out, per_prompt=args.per_prompt, seed=args.seed, fps=args.fps,
+                                 settings=settings)  # fmt: skip
     except BaseException:  # e.g. a size the model cannot make, found at the first video: leave no empty folders
         for folder in created:
             if folder.is_dir() and not any(folder.iterdir()):

@@ -1,5 +1,6 @@
 """`m4v generate` end to end and its one-line errors (exit 2, no traceback, no output file)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -175,13 +176,16 @@ def test_sample_prompt_list_resumable(tmp_path, capsys):
     out = tmp_path / "videos"
     args = ["sample", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "2", "--frames", "1", *FAST]
     assert main(args) == 0
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.glob("*.mp4"))
     assert files == sorted(f"{p}-{i}.mp4" for p in prompts.read_text().split("\n") if p for i in range(2))
-    stamp = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert json.loads((out / "sampling.json").read_text())["frames"] == 1  # the settings the videos were made with
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
     (out / files[0]).unlink()
     assert main(args) == 0  # resumes: only the missing video is made again
-    assert sorted(p.name for p in out.iterdir()) == files
-    assert all(p.stat().st_mtime_ns == stamp[p] for p in out.iterdir() if p.name != files[0])
+    assert sorted(p.name for p in out.glob("*.mp4")) == files
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in out.glob("*.mp4") if p.name != files[0])
+    assert main([*args, "--seed", "5"]) == 2  # other settings: refused, not mixed into the folder
+    assert "other settings (seed 0 -> 5)" in capsys.readouterr().err
     assert main(["sample", "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     # a size the model cannot make is found at the first video: no empty output folders are left
     nested = tmp_path / "new" / "nested"

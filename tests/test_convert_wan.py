@@ -177,6 +177,11 @@ def test_m4v_convert_from_wan_command(wan_dirs, tmp_path, capsys):
     assert M4VWanTransformer.from_pretrained(tmp_path / "c" / "transformer").config.layout == "mmdim"
     assert main(["convert", "-o", str(tmp_path / "d")]) == 2
     assert "exactly one of" in capsys.readouterr().err
+    for flags, says in ((["--set", "bogus=1"], "--set: unknown key 'bogus'; M4VWanTransformer takes"),
+                        (["--tokenizer", "/nonexistent"], "--tokenizer: only used with --text-encoder")):
+        assert main(["convert", "--from-wan", str(root / "single"), "-o", str(tmp_path / "e"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and not (tmp_path / "e").exists(), flags
 
 
 def test_errors_name_the_problem(wan_dirs, tmp_path):

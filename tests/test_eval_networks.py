@@ -154,6 +154,8 @@ def test_loading_errors(models: dict[str, Path], tmp_path: Path) -> None:
         M.ClipEncoder(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="--dino"):
         M.DinoEncoder(models["clip"])  # a CLIP folder is not a ViT/DINO model
+    with pytest.raises(ValueError, match="--clip: .*'dinov2' is not a CLIP model"):
+        M.ClipEncoder(models["dinov2"])  # would otherwise load as a randomly initialised CLIP
     with pytest.raises(ValueError, match="needs --clip"):
         load_encoders(aesthetic_path=tmp_path / "x.safetensors")
     save_file({"weight": torch.zeros(1, 7)}, tmp_path / "bad.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -111,3 +112,22 @@ def test_sample_prompts_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
         sample_prompts(lambda p, s: np.zeros((4, 4), np.uint8), ["a"], tmp_path, progress=False)
     assert not list(tmp_path.glob("*.mp4"))  # a failed generation leaves no file
+
+
+def test_sample_prompts_refuses_a_folder_made_with_other_settings(tmp_path: Path) -> None:
+    """Resuming with another seed (or model, steps...) would mix other videos in: refused; same settings resume."""
+    calls: list[tuple[str, int]] = []
+    first = {"seed": 0, "steps": "1", "model": "shipped"}
+    sample_prompts(_fake_generate(calls), ["a cat"], tmp_path, per_prompt=1, seed=0, progress=False, settings=first)
+    assert json.loads((tmp_path / "sampling.json").read_text()) == first
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 5, steps '1' -> '3'\)"):
+        sample_prompts(_fake_generate(calls), ["a cat"], tmp_path, per_prompt=1, seed=5, progress=False,
+                       settings={**first, "seed": 5, "steps": "3"})  # fmt: skip
+    sample_prompts(_fake_generate(calls), ["a cat", "a dog"], tmp_path, per_prompt=1, seed=0, progress=False,
+                   settings=first)  # fmt: skip
+    assert calls == [("a cat", 0), ("a dog", 0)]
+    # videos without a record (an older run) are reused with a warning
+    (tmp_path / "sampling.json").unlink()
+    with pytest.warns(UserWarning, match="2 existing video"):
+        sample_prompts(_fake_generate(calls), ["a cat", "a dog"], tmp_path, per_prompt=1, seed=0, progress=False,
+                       settings=first)  # fmt: skip

@@ -113,6 +113,11 @@ def test_convert_bad_output_and_inputs(tmp_path, capsys):
     (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLLTXVideo"}))
     code, err = exit_code(["convert", "--from-attention", str(vae), "-o", str(tmp_path / "c")], capsys)
     assert code == 2 and "holds a VAE (AutoencoderKLLTXVideo), not an M4V transformer" in err
+    for flags, says in ((["--dtype", "int8"], "--dtype: only used with --from-wan"),
+                        (["--vae", "/nonexistent"], "--vae: only used with --from-wan"),
+                        (["--seed", str(2**70)], "--seed: must be between 0"), (["--seed", "-1"], "--seed:")):
+        code, err = exit_code(["convert", "--from-attention", str(src), "-o", out, *flags], capsys)
+        assert code == 2 and says in err and not (tmp_path / "c").exists(), flags
     assert main(["convert", "--from-attention", str(src), "-o", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "diffusion_pytorch_model.safetensors").is_file()
 

@@ -43,8 +43,10 @@ def _check_png(path: str | None) -> None:
 def _cmd_vbench(args: argparse.Namespace) -> int:
     from m4v.eval.report import format_report, plot_report, to_json, write_json
     from m4v.eval.vbench import evaluate_folder
+    from m4v.generate_cli import resolve_device
 
     _check_png(args.plot)
+    resolve_device(args.device)  # checked whether or not a network is loaded
     check_output_file(args.out, "--out")  # before the evaluation, not after it
     check_output_file(args.plot, "--plot")
     report = evaluate_folder(
@@ -124,8 +126,9 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     if args.frames_out is not None and args.model is None:
         raise ValueError("--frames-out: only used with --model.")
     check_output_file(args.out, "--out")  # before the generation and analysis, not after them
-    if check_output_file(args.frames_out, "--frames-out") is not None:
-        Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(args.frames_out, "--frames-out")  # its folder is made when the frames are written
+    if args.frames_out is not None and not str(args.frames_out).endswith(".npz"):
+        raise ValueError(f"--frames-out: must be a .npz file, got {args.frames_out!r}.")
     if args.videos_out is not None:
         check_output_folder(args.videos_out, "--videos-out")
     if args.in_memory and (args.model is None or args.frames_out is not None or args.videos_out is not None):

@@ -369,7 +369,8 @@ def background_consistency_proxy(video: VideoLike) -> float:
 def _check_dir(path: str | os.PathLike[str], what: str) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"{what}: model directory {path!r} does not exist.")
+        state = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"{what}: model directory {path!r} {state}.")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{what}: {path!r} has no config.json (expected a transformers save_pretrained folder).")
     return path
@@ -460,6 +461,11 @@ class ClipEncoder:
 
         path = _check_dir(model_dir, "--clip")
         try:
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+            if model_type != "clip":  # CLIPModel.from_pretrained would load another model's folder as random CLIP
+                raise ValueError(f"model type {model_type!r} is not a CLIP model")
             self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"--clip: cannot load a CLIPModel from {path!r}: {e}") from e

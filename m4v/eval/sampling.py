@@ -7,8 +7,10 @@ character boundary) and ``/`` becomes ``_``; :func:`match_prompt` maps such a na
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +142,15 @@ def sample_prompts(
     seed: int = 0,
     fps: float = 24.0,
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Generate ``per_prompt`` videos per prompt into ``out_dir`` with VBench naming; resumable.
 
     Video ``{prompt}-{i}.mp4`` is made by ``generate_fn(prompt, seed + i)``, which returns frames
     ``[F, H, W, 3]`` (uint8, or float in [0, 1]). Files that already exist are skipped (writes are atomic, so
     an interrupted run leaves no partial file). Returns the paths of all ``len(prompts) * per_prompt`` videos.
+    ``settings`` (what makes the videos: model, seed, steps, sizes...) are kept in ``out_dir/sampling.json``; a
+    folder whose recorded settings differ is refused rather than resumed (its videos would be other ones).
     """
     from tqdm.auto import tqdm
 
@@ -155,17 +160,49 @@ def sample_prompts(
         raise ValueError(f"per_prompt must be at least 1; got {per_prompt}.")
     prompts = _dedupe(prompts)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, i, out / video_filename(p, i)) for p in prompts for i in range(per_prompt)]
     names = [j[2].name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two prompts map to the same file name; shorten or reword them.")
     todo = [j for j in jobs if not j[2].exists()]
+    if settings is not None:
+        _check_settings(out, dict(settings), reused=len(jobs) - len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def record() -> None:  # after the first new video: a run that fails at once leaves its folder empty
+        if settings is not None:
+            tmp = out / "sampling.json.partial"
+            tmp.write_text(json.dumps(dict(settings), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, out / "sampling.json")
+
+    if not todo:
+        record()
     bar = tqdm(todo, desc="sampling", unit="video", disable=not progress, dynamic_ncols=True)
-    for prompt, i, path in bar:
+    for k, (prompt, i, path) in enumerate(bar):
         bar.set_postfix_str(f"{prompt[:40]}-{i}")
         write_video(path, generate_fn(prompt, seed + i), fps=fps)
+        if k == 0:
+            record()
     return [j[2] for j in jobs]
+
+
+def _check_settings(out: Path, settings: dict[str, Any], reused: int) -> None:
+    """Refuse to resume a folder whose videos were made with other settings; warn when they are unknown."""
+    record = out / "sampling.json"
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if isinstance(old, dict):
+            diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+            if diff:
+                what = ", ".join(f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:3])
+                raise ValueError(f"--out: the videos in {out} were made with other settings ({what}); "
+                                 "give another --out or remove them.")  # fmt: skip
+            return
+    if reused:
+        warnings.warn(f"{reused} existing video(s) in {out} are reused; their settings were not recorded", stacklevel=3)
 
 
 __all__ = [

@@ -353,6 +353,7 @@ def save_frames(
     for k, item in enumerate(tqdm(items, desc="shapes", unit="video", disable=not progress, dynamic_ncols=True)):
         arrays[f"video_{k:05d}"] = _to_uint8_frames(generate_fn(str(item["prompt"]), int(item["seed"])))
     index = {"model": model, "settings": dict(settings), "items": [dict(it) for it in items]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path[: -len(".npz")] + ".partial.npz"
     np.savez_compressed(tmp, index=np.array(json.dumps(index)), **arrays)
     os.replace(tmp, path)
@@ -369,9 +370,16 @@ def evaluate_frames(
     path = os.fspath(path)
     try:
         data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
         index = json.loads(str(data["index"]))
+        if not isinstance(index, dict) or not {"model", "settings", "items"} <= set(index):
+            raise ValueError("its index lacks model / settings / items")
         frames = {(str(it["prompt"]), int(it["seed"])): f"video_{k:05d}" for k, it in enumerate(index["items"])}
-    except (OSError, ValueError, KeyError) as e:
+        missing = sorted(set(frames.values()) - set(data.files))
+        if missing:
+            raise ValueError(f"{len(missing)} video array(s) missing, e.g. {missing[0]}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"--frames: {path!r} is not a frames file written by --frames-out ({e}).") from e
 
     def generate(prompt: str, seed: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Loading a conditioning image for image-to-video (paper E.2): resize the short side, centre-crop, scale to [-1, 1]."""
+"""Loading a conditioning image for image-to-video (paper E.2): centre-crop to the video's aspect, resize, scale to
+[-1, 1]."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
         try:
             with Image.open(image) as im:
                 image = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"image: cannot read {os.fspath(image)!r} ({e})") from None
     if hasattr(image, "convert") and not isinstance(image, (np.ndarray, torch.Tensor)):
         image = np.asarray(image.convert("RGB"))
@@ -43,10 +44,18 @@ def image_to_tensor(image: Any, height: int, width: int) -> torch.Tensor:
             raise ValueError("image: the tensor holds NaN or infinite values")
     else:
         raise ValueError(f"image: unsupported type {type(image).__name__}")
+    return fit(t, height, width).clamp(-1, 1)
+
+
+def fit(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[C, H, W] -> [C, height, width]: the centred crop of the video's aspect ratio, resized (bilinear, antialiased).
+
+    Cropping first keeps the work at the output's size whatever the input's shape (a 100000 x 1 strip would need
+    a 100000-fold upscale if resized first)."""
     _, H, W = t.shape
-    s = max(height / H, width / W)
-    nh, nw = max(height, round(H * s)), max(width, round(W * s))
-    if (nh, nw) != (H, W):
-        t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return t[:, top : top + height, left : left + width].clamp(-1, 1)
+    ch, cw = min(H, max(1, round(W * height / width))), min(W, max(1, round(H * width / height)))
+    top, left = (H - ch) // 2, (W - cw) // 2
+    t = t[:, top : top + ch, left : left + cw]
+    if (ch, cw) != (height, width):
+        t = F.interpolate(t[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
+    return t

@@ -151,6 +151,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if bool(args.from_attention) == bool(args.from_wan):
         raise ValueError("convert: give exactly one of --from-attention CKPT_DIR or --from-wan WAN_DIR")
+    if not 0 <= args.seed <= 2**63 - 1:  # torch.manual_seed takes a signed 64-bit seed, as m4v generate --seed
+        raise ValueError(f"--seed: must be between 0 and {2**63 - 1}, got {args.seed}")
+    if args.from_attention:
+        wan_only = [f"--{n.replace('_', '-')}" for n in ("vae", "text_encoder", "tokenizer", "dtype")
+                    if getattr(args, n, None) is not None]  # fmt: skip
+        if wan_only:
+            raise ValueError(f"{wan_only[0]}: only used with --from-wan, not with --from-attention.")
+    elif getattr(args, "tokenizer", None) is not None and getattr(args, "text_encoder", None) is None:
+        raise ValueError("--tokenizer: only used with --text-encoder.")
     if args.from_wan:
         from m4v.training.convert_wan import cli_convert_from_wan
 

@@ -298,9 +298,14 @@ def convert_from_wan(
         text_len = int(cfg.get("text_len", 512))
         spec = _text_spec(os.fspath(text_encoder), os.fspath(tokenizer_dir) if tokenizer_dir else None,
                           cfg["text_dim"], text_len)
-    model, report = convert_wan_state_dict(
-        load_wan_state_dict(tdir), cfg, swap_qk=swap_qk, fold_qk_norm=fold_qk_norm, seed=seed, dtype=dtype
-    )
+    try:
+        model, report = convert_wan_state_dict(
+            load_wan_state_dict(tdir), cfg, swap_qk=swap_qk, fold_qk_norm=fold_qk_norm, seed=seed, dtype=dtype
+        )
+    except (TypeError, ZeroDivisionError, RuntimeError) as e:
+        if not overrides:
+            raise
+        raise ValueError(f"--set: the model these values describe cannot be built ({str(e).splitlines()[0]})") from e
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
     if vae_dir is not None:
@@ -338,9 +343,14 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
 
 def cli_convert_from_wan(args: argparse.Namespace) -> int:
     """``m4v convert --from-wan DIR -o DIR [--layout mmdim|attention] ...``; prints a one-line summary."""
+    from m4v.models.wan import M4VWanTransformer
+    from m4v.training.components import check_overrides
+
     layout = getattr(args, "layout", None)
     if layout in (None, "full_temp"):  # full_temp is the PyramidFlow converter's default
         layout = "mmdim"
+    overrides = _overrides(getattr(args, "set", None))
+    check_overrides(M4VWanTransformer, overrides, "--set")
     report = convert_from_wan(
         args.from_wan,
         args.output,
@@ -351,7 +361,7 @@ def cli_convert_from_wan(args: argparse.Namespace) -> int:
         vae_dir=getattr(args, "vae", None),
         text_encoder=getattr(args, "text_encoder", None),
         tokenizer_dir=getattr(args, "tokenizer", None),
-        overrides=_overrides(getattr(args, "set", None)),
+        overrides=overrides,
         dtype=_parse_dtype(getattr(args, "dtype", None)),
     )
     print(
