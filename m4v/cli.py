@@ -52,7 +52,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
             for n in WAN_FLOPS_NOTES:
                 print(f"- {n}")
         return 0
-    layouts = tuple(args.layouts) if args.layouts else LAYOUTS
+    layouts = tuple(dict.fromkeys(args.layouts)) if args.layouts else LAYOUTS  # each layout once
     for layout in layouts:
         if layout not in LAYOUTS:
             raise UsageError(f"--layouts: unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")

@@ -106,6 +106,8 @@ def sqg_kwargs(weight: float, start: int | None, num_latent_frames: int) -> dict
     if start is not None and start < 1:
         raise ValueError(f"--sqg-start-frame: must be at least 1 (a latent frame with history), got {start}")
     if not weight:
+        if start is not None:
+            raise ValueError("--sqg-start-frame: only used with --self-quality-guidance W (W > 0)")
         return {}
     start = SQG_START_FRAME if start is None else start
     if start >= num_latent_frames:
@@ -200,6 +202,20 @@ def _load_wan(args: argparse.Namespace, pipe, device):  # noqa: ANN001, ANN202 -
     return pipe, kwargs
 
 
+# pipeline argument -> the command's flag, for errors raised by the pipeline about what a flag set
+_FLAG_OF = {"height": "--height", "width": "--width", "num_frames": "--frames", "guidance_scale": "--guidance",
+            "video_guidance_scale": "--video-guidance", "num_inference_steps": "--steps",
+            "video_num_inference_steps": "--video-steps", "negative_prompt": "--negative-prompt", "image": "--image",
+            "self_quality_guidance": "--self-quality-guidance", "sqg_start_frame": "--sqg-start-frame"}  # fmt: skip
+
+
+def _flag_error(e: ValueError) -> ValueError:
+    """The pipeline's ``name: ...`` error with the command's flag for ``name`` (``height:`` -> ``--height:``)."""
+    text = str(e)
+    name, sep, rest = text.partition(":")
+    return ValueError(f"{_FLAG_OF[name]}:{rest}") if sep and name in _FLAG_OF else e
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt or not args.prompt.strip():
         raise ValueError("prompt: must be a non-empty string")
@@ -214,7 +230,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, kwargs = _load(args)
     if args.image is not None:
         kwargs["image"] = args.image
-    result = pipe(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
+    try:
+        result = pipe(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
+    except ValueError as e:
+        raise _flag_error(e) from None
     write_video(out, result.frames[0], fps=args.fps)
     print(out)
     return 0
@@ -239,7 +258,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     def generate(prompt: str, seed: int):  # noqa: ANN202 - frames [F, H, W, 3] in [0, 1]
-        return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames[0]
+        try:
+            return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).frames[0]
+        except ValueError as e:
+            raise _flag_error(e) from None
 
     names = ("model", "seed", "frames", "height", "width", "steps", "video_steps", "guidance", "video_guidance",
              "self_quality_guidance", "sqg_start_frame", "negative_prompt", "dtype", "fps")  # fmt: skip

@@ -1,5 +1,7 @@
 """`m4v flops`: sizes generation could not use are one-line errors (exit 2), as in `m4v generate`."""
 
+import json
+
 import pytest
 
 from m4v.cli import main
@@ -28,3 +30,10 @@ def test_bad_sizes_one_line_exit_2(capsys, args, message):
 def test_valid_small_sizes_print_the_table(capsys):
     assert main(["flops", "--frames", "17", "--height", "128", "--width", "192", "--layouts", "full_attn"]) == 0
     assert "full_attn" in capsys.readouterr().out
+
+
+def test_a_repeated_layout_is_one_row(capsys):
+    assert main(["flops", "--json", "--frames", "17", "--layouts", "full_attn", "full_temp", "full_attn"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    layouts = [r["layout"] for r in (rows["rows"] if isinstance(rows, dict) else rows)]
+    assert sorted(layouts) == ["full_attn", "full_temp"]

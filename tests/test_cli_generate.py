@@ -103,11 +103,11 @@ def _broken_model(tmp_path, kind: str) -> str:
     "extra,message",
     [
         (["--prompt-override", ""], "prompt: must be a non-empty string"),
-        (["--height", "100"], "height: 100 is not allowed; it must be a multiple of 32"),  # VAE 8 x patch 1 x 2^2
+        (["--height", "100"], "--height: 100 is not allowed; it must be a multiple of 32"),  # VAE 8 x patch 1 x 2^2
         (["--frames", "20"], "the nearest valid value is 17"),
-        (["--frames", "0"], "num_frames: 0 is not 1 + 8k"),  # 0 is not "the model's default"
-        (["--height", "0"], "height: 0 is not allowed"),
-        (["--width", "0"], "width: 0 is not allowed"),
+        (["--frames", "0"], "--frames: 0 is not 1 + 8k"),  # 0 is not "the model's default"
+        (["--height", "0"], "--height: 0 is not allowed"),
+        (["--width", "0"], "--width: 0 is not allowed"),
         (["--steps", "0"], "--steps: step counts must be positive"),
         (["--seed", "-1"], "--seed: must be between 0 and 9223372036854775807, got -1"),
         (["--seed", str(2**63)], "--seed: must be between 0 and 9223372036854775807"),  # torch: signed 64-bit
@@ -121,6 +121,7 @@ def _broken_model(tmp_path, kind: str) -> str:
         (["--self-quality-guidance", "nan"], "--self-quality-guidance: must be a finite number >= 0, got nan"),
         (["--self-quality-guidance", "0.5"], "3 latent frames and guidance starts at latent frame 8"),
         (["--self-quality-guidance", "0.5", "--sqg-start-frame", "0"], "--sqg-start-frame: must be at least 1"),
+        (["--sqg-start-frame", "2"], "--sqg-start-frame: only used with --self-quality-guidance"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--model", "CORRUPT"], "model_index.json is not readable JSON"),
         (["--model", "PARTIAL"], "do not match its config.json: 19 missing (e.g. single_blocks.5."),
