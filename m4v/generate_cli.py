@@ -162,7 +162,15 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (pipeline, call kwargs)
     kwargs: dict = dict(num_inference_steps=steps, height=args.height, width=args.width, num_frames=args.frames,
                         negative_prompt=args.negative_prompt)
     frames = int(pipe.default_frames) if args.frames is None else args.frames
-    kwargs.update(sqg_kwargs(args.self_quality_guidance, args.sqg_start_frame, pipe.vae.num_latent_frames(frames)))
+    latent_frames = pipe.vae.num_latent_frames(frames)
+    kwargs.update(sqg_kwargs(args.self_quality_guidance, args.sqg_start_frame, latent_frames))
+    if latent_frames == 1 and (args.video_steps or args.video_guidance is not None):
+        warnings.warn("--video-steps / --video-guidance: a video of one latent frame uses only --steps / --guidance",
+                      stacklevel=2)  # fmt: skip
+    if frames > 8 * int(pipe.default_frames):
+        warnings.warn(f"--frames {frames}: {frames / int(pipe.default_frames):.0f}x the {pipe.default_frames} frames "
+                      "this model makes by default; every later latent frame adds a full pyramid of steps",
+                      stacklevel=2)  # fmt: skip
     if args.video_steps:
         video_steps = parse_steps(args.video_steps, "--video-steps")
         video_steps = video_steps * stages if len(video_steps) == 1 else video_steps

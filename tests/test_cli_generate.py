@@ -170,6 +170,19 @@ def test_long_prompt_warns_and_proceeds(tmp_path, capsys):
     assert out.exists()
 
 
+def test_flags_without_effect_and_very_long_videos_warn(tmp_path, capsys):
+    """--video-steps on a one-frame video has nothing to apply to; --frames far beyond the model's default warns of
+    the time it takes. Both still generate."""
+    out = tmp_path / "one.mp4"
+    assert main(["generate", "a red circle", "-o", str(out), "--frames", "1", *FAST]) == 0
+    assert "a video of one latent frame uses only --steps" in capsys.readouterr().err and out.exists()
+    out = tmp_path / "long.mp4"
+    small = ["--height", "32", "--width", "32", "--steps", "1", "--video-steps", "1"]
+    assert main(["generate", "a red circle", "-o", str(out), "--frames", "145", *small]) == 0
+    err = capsys.readouterr().err
+    assert "--frames 145: 9x the 17 frames" in err and out.exists()
+
+
 def test_sample_prompt_list_resumable(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     lines = ["a red circle moving up on a black background", "a blue square staying still on a gray background"]
