@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from m4v.ops import eager
-from m4v.ops.triton_host import cached_launch, cdiv, interpreting, next_pow2
+from m4v.ops.triton_host import CachedLaunch, cdiv, interpreting, next_pow2
 
 TAPS = 4  # kernel width the Triton kernels are written for (Mamba2's d_conv)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -275,8 +275,8 @@ def _conv_bwd_kernel(
 
 
 # launched through their compiled kernels after the first call of each signature (m4v.ops.triton_host)
-_conv_fwd_launch = cached_launch(_conv_fwd_kernel)
-_conv_bwd_launch = cached_launch(_conv_bwd_kernel)
+_conv_fwd_launch = CachedLaunch(_conv_fwd_kernel)
+_conv_bwd_launch = CachedLaunch(_conv_bwd_kernel)
 
 
 def _acc_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from m4v.ops import eager
-from m4v.ops.triton_host import cached_launch, cdiv, interpreting, next_pow2
+from m4v.ops.triton_host import CachedLaunch, cdiv, interpreting, next_pow2
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # elements per tile (rows x padded group); warps follow from it. programs_per_sm sizes the backward's chunks.
@@ -141,8 +141,8 @@ def _gnorm_bwd_kernel(
 
 
 # launched through their compiled kernels after the first call of each signature (m4v.ops.triton_host)
-_gnorm_fwd_launch = cached_launch(_gnorm_fwd_kernel)
-_gnorm_bwd_launch = cached_launch(_gnorm_bwd_kernel)
+_gnorm_fwd_launch = CachedLaunch(_gnorm_fwd_kernel)
+_gnorm_bwd_launch = CachedLaunch(_gnorm_bwd_kernel)
 
 
 def _acc(dtype: torch.dtype) -> tuple[tl.dtype, torch.dtype]:

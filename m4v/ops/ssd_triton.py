@@ -115,7 +115,7 @@ def _backward(
     d_bias = ddt_raw.sum((0, 1)) if dt_bias is not None else None
     blocks = cols.dd_blocks  # per-block partial dD [b, blocks, h, p]; a D of [h] also sums over p, in one reduction
     dD = None if blocks is None or D is None else blocks.sum((0, 1, 3) if D.dim() == 1 else (0, 1))
-    grads = (cols.dx, ddt_raw, dA, cols.db, dC, dD if D is not None else None, dz, d_bias, dinit if has_init else None)
+    grads = (cols.dx, ddt_raw, dA, cols.db, dC, dD, dz, d_bias, dinit if has_init else None)
     return tuple(x.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
 
 

@@ -31,8 +31,6 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # cached launches
 # ----------------------------------------------------------------------------------------------
@@ -102,9 +100,4 @@ def _signature(grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, A
     return tuple(parts)
 
 
-def cached_launch(kernel: Any) -> CachedLaunch:
-    """Wrap a ``@triton.jit`` kernel in a :class:`CachedLaunch` (same ``kernel[grid](...)`` call syntax)."""
-    return CachedLaunch(kernel)
-
-
-__all__ = ["FAST_LAUNCH", "CachedLaunch", "cached_launch", "cdiv", "interpreting", "next_pow2"]
+__all__ = ["FAST_LAUNCH", "CachedLaunch", "cdiv", "interpreting", "next_pow2"]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import triton
 
-from m4v.ops.triton_host import cached_launch, cdiv, interpreting, next_pow2
+from m4v.ops.triton_host import CachedLaunch, cdiv, interpreting, next_pow2
 from m4v.ops.triton_ssd.chunk_scan import chunk_scan_fwd_kernel
 from m4v.ops.triton_ssd.chunk_scan_bwd import bwd_cols_kernel, bwd_rows_kernel, gate_bwd_kernel
 from m4v.ops.triton_ssd.chunk_state import chunk_state_kernel
@@ -24,15 +24,15 @@ from m4v.ops.triton_ssd.dt_kernels import dt_bwd_kernel, dt_fwd_kernel
 from m4v.ops.triton_ssd.state_passing import state_bwd_kernel, state_fwd_kernel
 
 # launched through their compiled kernels after the first call of each signature (m4v.ops.triton_host)
-_chunk_scan_fwd_kernel = cached_launch(chunk_scan_fwd_kernel)
-_bwd_cols_kernel = cached_launch(bwd_cols_kernel)
-_bwd_rows_kernel = cached_launch(bwd_rows_kernel)
-_gate_bwd_kernel = cached_launch(gate_bwd_kernel)
-_chunk_state_kernel = cached_launch(chunk_state_kernel)
-_dt_bwd_kernel = cached_launch(dt_bwd_kernel)
-_dt_fwd_kernel = cached_launch(dt_fwd_kernel)
-_state_bwd_kernel = cached_launch(state_bwd_kernel)
-_state_fwd_kernel = cached_launch(state_fwd_kernel)
+_chunk_scan_fwd_kernel = CachedLaunch(chunk_scan_fwd_kernel)
+_bwd_cols_kernel = CachedLaunch(bwd_cols_kernel)
+_bwd_rows_kernel = CachedLaunch(bwd_rows_kernel)
+_gate_bwd_kernel = CachedLaunch(gate_bwd_kernel)
+_chunk_state_kernel = CachedLaunch(chunk_state_kernel)
+_dt_bwd_kernel = CachedLaunch(dt_bwd_kernel)
+_dt_fwd_kernel = CachedLaunch(dt_fwd_kernel)
+_state_bwd_kernel = CachedLaunch(state_bwd_kernel)
+_state_fwd_kernel = CachedLaunch(state_fwd_kernel)
 
 Config = dict[str, int]
 
@@ -285,18 +285,14 @@ class ColsGrads:
         self.dx, self.ddt, self.db, self.cs, self.rs, self.part = dx, ddt, db, cs, rs, part
         self.dd_blocks = dd_blocks  # per-block partial D gradients [b, nc * key blocks, h, p]; sum for dD
 
-    @property
-    def dd(self) -> torch.Tensor | None:
-        """dD fp32 [h, p] (None without D)."""
-        return None if self.dd_blocks is None else self.dd_blocks.sum((0, 1))
-
 
 def bwd_cols(
     x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor, dtp: torch.Tensor, acum: torch.Tensor,
     dstates: torch.Tensor, D: torch.Tensor | None, q: int,
 ) -> ColsGrads:  # fmt: skip
-    """dx (x's dtype), ddt / cs / part fp32 [b, h, lp], dB fp32 [b, l, g, n] (split-summed), dD fp32 [h, p] or
-    None, rs fp32 [b * h * nc, q // BN, q] (row sums of the pair log-decay gradients, per key block)."""
+    """dx (x's dtype), ddt / cs / part fp32 [b, h, lp], dB fp32 [b, l, g, n] (split-summed), per-block partial dD
+    fp32 [b, blocks, h, p] or None (the caller sums it), rs fp32 [b * h * nc, q // BN, q] (row sums of the pair
+    log-decay gradients, per key block)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     lp = dtp.shape[2]
